@@ -7,6 +7,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .modeling import DpvrLlavaConfig, DpvrLlavaForConditionalGeneration
 from .modeling.modeling_dpvr_llava import DpvrSideBranch
+from .plan import PlanSettings
+from .plan import side_branch_source_layers as plan_side_branch_source_layers
 
 SIDE_BRANCH_PREFIX = "model.side_branch.layers."
 LANGUAGE_LAYER_PATTERN = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
@@ -46,14 +48,13 @@ def build_dpvr_config(
 
 def side_branch_source_layers(config: DpvrLlavaConfig) -> list[int] | None:
     """Return the language-model layers that side-branch layers 0, 1, ... copy, or None for random init."""
-    depth = config.side_branch_depth
-    if config.side_branch_init == "copy":
-        first = config.split_layer
-    elif config.side_branch_init == "copy-last":
-        first = config.fusion_layers.start - depth
-    else:
+    settings = PlanSettings(
+        config.split_layer, config.side_branch_depth, config.num_fusion_layers, config.side_branch_init
+    )
+    first_last = plan_side_branch_source_layers(settings, config.text_config.num_hidden_layers)
+    if first_last is None:
         return None
-    return list(range(first, first + depth))
+    return list(range(first_last[0], first_last[1] + 1))
 
 
 def side_branch_keys_for(name: str, source_layers: list[int] | None) -> list[str]:

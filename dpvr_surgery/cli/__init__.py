@@ -1,0 +1,21 @@
+"""The `dpvr-surgery` command line: thin commands over the library functions."""
+
+import click
+
+from .. import __version__
+from .convert import convert
+from .demo import demo
+from .generate import generate
+from .inspect import inspect
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="dpvr-surgery")
+def main():
+    """Convert LLaVA-style models to dual-path vision token routing with late-layer fusion (DPVR-LF)."""
+
+
+main.add_command(convert)
+main.add_command(demo)
+main.add_command(generate)
+main.add_command(inspect)

@@ -1,0 +1,119 @@
+"""`dpvr-surgery convert`: rewrite a LLaVA checkpoint into the dual-path graph."""
+
+import json
+from pathlib import Path
+
+import click
+
+from ..convert import ConvertRequest, convert_checkpoint, plan_conversion
+from ..errors import InvalidInputError
+from ..modeling import SIDE_BRANCH_INITS
+from ..plan import PlanSettings, format_plan_report
+from .options import GroupedCommand, misc_options, model_options, option, recipe_value, show_progress
+
+
+def plan_options(function):
+    """Add --split, --side-branch-depth, --fusion-layers and --side-init."""
+    function = option(
+        "--side-init",
+        group="Plan",
+        type=click.Choice(SIDE_BRANCH_INITS),
+        default="copy",
+        show_default=True,
+        help="Side-branch initialisation: copy of layers s.., copy of the layers before fusion, or random.",
+    )(function)
+    function = option(
+        "--fusion-layers",
+        group="Plan",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Number of final layers where image and text tokens meet again (K).",
+    )(function)
+    function = option(
+        "--side-branch-depth",
+        group="Plan",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Number of new side-branch layers that carry image tokens (d_v).",
+    )(function)
+    return function
+
+
+@click.command(cls=GroupedCommand)
+@click.argument("model")
+@option(
+    "-o", "--output", group="Output", type=click.Path(file_okay=False, path_type=Path), required=True,
+    help="Folder to write the converted model to.",
+)
+@option(
+    "--split",
+    group="Plan",
+    type=int,
+    help="Split layer s: the first layer that image tokens skip (1..L-K-1). Required for now: automatic "
+    "selection from a saturation analysis is not available yet.",
+)
+@plan_options
+@option("--max-shard-size", group="Output", default="5GB", show_default=True, help="Largest safetensors shard.")
+@option("--overwrite", group="Output", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@option("--dry-run", group="Output", is_flag=True, help="Check the source and print the plan; write nothing.")
+@option(
+    "--verify/--no-verify",
+    group="Output",
+    default=True,
+    show_default=True,
+    help="Load source and result once each and compare text-only logits before the output is moved into place.",
+)
+@option("--json", "as_json", group="Output", is_flag=True, help="Print the report as JSON.")
+@model_options
+@misc_options
+@click.pass_context
+def convert(ctx, model, output, split, side_branch_depth, fusion_layers, side_init, max_shard_size, overwrite,
+            dry_run, verify, as_json, model_options, misc):
+    """Convert the LLaVA model MODEL (a folder or a Hub id) into a dual-path DPVR-LF model."""
+    section = "convert"
+    split = recipe_value(ctx, misc, section, "split", "split", split)
+    if split is None:
+        raise InvalidInputError(
+            "Missing --split: pass the split layer, for example --split 18 for llava-1.5-7b. Run "
+            "`dpvr-surgery inspect MODEL` to see the layer count and the valid range."
+        )
+    settings = PlanSettings(
+        split_layer=split,
+        side_branch_depth=recipe_value(ctx, misc, section, "side_branch_depth", "side_branch_depth", side_branch_depth),
+        num_fusion_layers=recipe_value(ctx, misc, section, "fusion_layers", "fusion_layers", fusion_layers),
+        side_branch_init=recipe_value(ctx, misc, section, "side_init", "side_init", side_init),
+    )
+    request = ConvertRequest(
+        model=model,
+        output=output,
+        settings=settings,
+        dtype=recipe_value(ctx, misc, section, "dtype", "dtype", model_options.dtype),
+        max_shard_size=recipe_value(ctx, misc, section, "max_shard_size", "max_shard_size", max_shard_size),
+        overwrite=overwrite,
+        revision=model_options.revision,
+        cache_dir=model_options.cache_dir,
+        verify=verify,
+        seed=recipe_value(ctx, misc, section, "seed", "seed", misc.seed),
+    )
+
+    if dry_run:
+        plan = plan_conversion(request)
+        if as_json:
+            click.echo(json.dumps(plan.summary(), indent=2))
+        else:
+            click.echo(f"Source: {plan.source} ({len(plan.tensor_names)} tensors, keys checked)")
+            click.echo(f"Would write: {output}\n")
+            click.echo(format_plan_report(plan.report))
+        return
+
+    report = convert_checkpoint(request, show_progress=show_progress(misc))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(format_plan_report(report["plan"]))
+    verification = report["verification"]
+    if verification and not verification.get("skipped"):
+        click.echo(f"Verified: text-only logits within {verification['max_abs_diff']:.3g} of the source.")
+    click.echo(f"Wrote {output}")
