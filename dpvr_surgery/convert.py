@@ -1,8 +1,8 @@
 """Stream a LLaVA checkpoint into a dual-path (DPVR-LF) model folder.
 
-Tensors are read one at a time from the source shards, renamed to the current `transformers` keys,
-cast if asked, and written to new shards as they fill up; each side-branch copy is written next to
-the layer it copies. Peak memory is about one output shard plus the tensor being read (plus the side
+Tensors are read one at a time from the source shards, renamed to the current `transformers` keys
+and cast if requested. They are written to new shards as these fill up, and each side-branch copy is
+written next to the layer it copies. Peak memory is about one output shard plus the tensor being read (plus the side
 branch for random initialisation).
 """
 
@@ -74,7 +74,7 @@ class ConvertRequest:
 
 @dataclass
 class ConversionPlan:
-    """What a conversion reads and writes, checked before any output exists."""
+    """The source, configs and tensor names of a conversion, checked before any output exists."""
 
     source: Path
     source_config: LlavaConfig
@@ -83,7 +83,7 @@ class ConversionPlan:
     report: dict
 
     def summary(self) -> dict:
-        """A JSON-serialisable description for `--dry-run`."""
+        """Describe the plan as JSON-serialisable data for `--dry-run`."""
         return {
             "source": str(self.source),
             "source_tensors": len(self.tensor_names),
@@ -93,7 +93,7 @@ class ConversionPlan:
 
 
 def check_source_config(config_dict: dict, source: Path) -> None:
-    """Raise InvalidInputError unless the folder holds a LLaVA model this tool converts."""
+    """Raise InvalidInputError unless the folder contains a LLaVA model that this tool converts."""
     model_type = config_dict.get("model_type")
     if model_type == DpvrLlavaConfig.model_type:
         raise InvalidInputError(
@@ -175,7 +175,7 @@ def convert_checkpoint(request: ConvertRequest, *, show_progress: bool = True) -
 
 
 def recipe_section(request: ConvertRequest) -> dict:
-    """The resolved convert settings, with the names that recipes and flags use."""
+    """Return the resolved convert settings under the names that recipes and flags use."""
     settings = request.settings
     return {
         "split": settings.split_layer,

@@ -137,7 +137,7 @@ def run_demo(
 
 
 def format_demo_result(result: DemoResult) -> str:
-    """The demo's terminal summary: answers side by side, then the prefill timing against the FLOP estimate."""
+    """Format the demo's terminal summary: both models' replies side by side, then prefill timing and FLOP ratio."""
     lines = []
     for item in result.answers:
         topic = f"[photo: {item.photo}]" if item.photo else "[text only]"

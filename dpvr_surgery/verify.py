@@ -23,7 +23,7 @@ def verify_conversion(source: Path, converted: Path, *, dtype: torch.dtype | Non
     """Compare text-only logits of `converted` with `source` and run one image prompt; return the result.
 
     The two models are loaded one after the other, so peak memory is one model. The check is skipped
-    (and the result says why) when the larger model does not fit in the available memory.
+    (and the result records why) when the larger model does not fit in the available memory.
     """
     needed = _weight_bytes(converted)
     available = psutil.virtual_memory().available

@@ -67,3 +67,36 @@ def make_tiny_llava(seed: int = 0, **config_kwargs) -> LlavaForConditionalGenera
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.08)
     return model.eval()
+
+
+def tiny_processor(image_size: int = 32, patch_size: int = 8):
+    """A LlavaProcessor with a word-level tokenizer over the tiny vocabulary and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_TOKEN_ID, "<image>": IMAGE_TOKEN_ID, "<unk>": 1}
+    vocab.update({f"w{i}": i for i in range(2, 100)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = (
+        "{%- for message in messages -%}{{ message['role'] }}: "
+        "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' -%}{{ ' <image>' }}{%- else -%}{{ ' ' + item['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{{ ' ' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'w2 ' }}{%- endif -%}"
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+        image_token="<image>",
+    )
