@@ -310,3 +310,12 @@ def test_normalized_keys_cover_legacy_names():
     model = make_tiny_llava()
     for key in model.state_dict():
         assert normalize_llava_key(legacy_key(key)) == key
+
+
+def test_save_pretrained_keeps_fixed_names(tmp_path):
+    model = convert_model(make_tiny_llava(), split_layer=SPLIT)
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert keys == set(model.state_dict())
+    assert "model.side_branch.layers.0.self_attn.q_proj.weight" in keys
