@@ -58,17 +58,45 @@ def write_source(folder: Path, preset: str, shard_size: str) -> int:
     return total
 
 
-def convert_in_child(source: Path, output: Path, split: int, max_shard_size: str) -> tuple[float, int]:
-    """Run the converter in a child process; return its wall time and peak RSS in bytes."""
+def read_status_mib(pid: int) -> dict[str, int]:
+    """Anonymous, file-backed and total resident memory of a process, in MiB, from /proc."""
+    values = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmRSS"):
+                values[key] = int(rest.split()[0]) // 1024
+    return values
+
+
+def convert_in_child(
+    source: Path, output: Path, split: int, max_shard_size: str, dtype: str
+) -> tuple[float, dict[str, int]]:
+    """Run the converter in a child process, sampling its memory every 50 ms; return wall time and peaks.
+
+    The peaks separate anonymous memory (what the converter allocates) from file-backed pages
+    (safetensors memory-maps the source shards, and the kernel reclaims those clean pages under
+    memory pressure). `ru_maxrss`, the usual "peak RSS", counts both.
+    """
     command = [
         sys.executable, "-m", "dpvr_surgery", "convert", str(source), "-o", str(output),
-        "--split", str(split), "--max-shard-size", max_shard_size, "--no-verify", "-q",
+        "--split", str(split), "--max-shard-size", max_shard_size, "--dtype", dtype, "--no-verify", "-q",
     ]
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     started = time.monotonic()
-    subprocess.run(command, check=True)
+    child = subprocess.Popen(command)
+    while child.poll() is None:
+        try:
+            for key, value in read_status_mib(child.pid).items():
+                peaks[key] = max(peaks[key], value)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.05)
+    if child.wait() != 0:
+        sys.exit(f"convert failed with exit code {child.returncode}")
     seconds = time.monotonic() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, peak_kib * 1024
+    peaks["ru_maxrss"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    return seconds, peaks
 
 
 def main() -> None:
@@ -78,7 +106,9 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=18)
     parser.add_argument("--source-shard-size", default="5GB", help="Shard size of the written source checkpoint.")
     parser.add_argument("--max-shard-size", default="2GB", help="Shard size of the converted output.")
+    parser.add_argument("--dtype", default="auto", help="Output dtype (auto keeps fp16; bf16 casts every tensor).")
     parser.add_argument("--keep", action="store_true", help="Keep both checkpoints.")
+    parser.add_argument("--reuse-source", action="store_true", help="Convert the source a --keep run left behind.")
     args = parser.parse_args()
 
     source = args.workdir / "source"
@@ -86,31 +116,42 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         parameters = sum(p.numel() for p in LlavaForConditionalGeneration(LlavaConfig.from_dict(load_preset(args.shape))).parameters())
-    needed = int(2 * parameters * 2 * 1.1)
+    copies = 1 if args.reuse_source else 2
+    needed = int(copies * parameters * 2 * 1.1)
     free = shutil.disk_usage(args.workdir).free
     if free < needed:
         sys.exit(f"Not enough free disk in {args.workdir}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free.")
-    print(f"Writing a random {args.shape} checkpoint to {source} ...", flush=True)
-    started = time.monotonic()
-    source_bytes = write_source(source, args.shape, args.source_shard_size)
-    write_seconds = time.monotonic() - started
+    if args.reuse_source:
+        source_bytes = sum(path.stat().st_size for path in source.glob("*.safetensors"))
+        write_seconds = 0.0
+    else:
+        print(f"Writing a random {args.shape} checkpoint to {source} ...", flush=True)
+        started = time.monotonic()
+        source_bytes = write_source(source, args.shape, args.source_shard_size)
+        write_seconds = time.monotonic() - started
+    if output.exists():
+        shutil.rmtree(output)
     largest_source_shard = max(path.stat().st_size for path in source.glob("*.safetensors"))
 
     print("Converting in a child process ...", flush=True)
-    seconds, peak_rss = convert_in_child(source, output, args.split, args.max_shard_size)
+    seconds, peaks = convert_in_child(source, output, args.split, args.max_shard_size, args.dtype)
     report = json.loads((output / "dpvr_report.json").read_text())
-    side_branch_bytes = report["plan"]["parameters"]["side_branch"] * 2
+    side_branch_bytes = report["plan"]["parameters"]["side_branch"] * 2  # fp16 and bf16: 2 bytes each
     result = {
         "shape": args.shape,
         "split": args.split,
         "source_bytes": source_bytes,
         "largest_source_shard_bytes": largest_source_shard,
+        "output_dtype": args.dtype,
         "output_max_shard_size": args.max_shard_size,
         "output_max_shard_bytes": parse_size(args.max_shard_size),
         "side_branch_bytes": side_branch_bytes,
         "convert_seconds": round(seconds, 1),
         "write_source_seconds": round(write_seconds, 1),
-        "peak_rss_bytes": peak_rss,
+        "peak_anonymous_mib": peaks["RssAnon"],
+        "peak_file_backed_mib": peaks["RssFile"],
+        "peak_rss_mib": peaks["VmRSS"],
+        "ru_maxrss_mib": peaks["ru_maxrss"],
         "machine": platform.platform(),
         "torch": torch.__version__,
     }
