@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dpvr_surgery.errors import InvalidInputError
 
@@ -91,53 +92,6 @@ def _invalid_size(text: object) -> InvalidInputError:
 def _shard_file_name(index: int, total: int) -> str:
     """Return the `transformers` name of shard `index` (1-based) out of `total`."""
     return f"model-{index:05d}-of-{total:05d}.safetensors"
-
-
-# safetensors dtype names, from the format's specification.
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str]) -> None:
-    """Write contiguous CPU tensors to one safetensors file, streaming each tensor's bytes from its memory.
-
-    `safetensors.torch.save_file` first copies every tensor into a bytes object, which doubles the
-    memory of a shard; this writer copies nothing. The layout is the format's: an 8-byte little-endian
-    header length, a JSON header padded with spaces to a multiple of 8 bytes, then the tensor data.
-    """
-    header: dict[str, dict] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise InvalidInputError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-(8 + len(header_bytes)) % 8)
-    with open(path, "wb") as handle:
-        handle.write(len(header_bytes).to_bytes(8, "little"))
-        handle.write(header_bytes)
-        for tensor in tensors.values():
-            if tensor.numel():
-                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class ShardedSafetensorsWriter:
@@ -217,7 +171,7 @@ class ShardedSafetensorsWriter:
     def _write_shard(self) -> None:
         number = len(self._written) + 1
         path = self.folder / f"model-{number:05d}.safetensors.partial"
-        write_safetensors_file(path, self._shard, metadata=self.metadata)
+        save_file(self._shard, str(path), metadata=self.metadata)
         logger.debug("Wrote shard %d (%d tensors, %d bytes) to %s", number, len(self._shard), self._shard_bytes, path)
 
         self._written.append((path, list(self._shard)))
