@@ -289,3 +289,19 @@ def test_side_branch_initialisation(source):
     weight = random.model.side_branch.layers[0].self_attn.q_proj.weight
     assert not torch.equal(weight, language_layers[2].self_attn.q_proj.weight)
     assert weight.std() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_half_precision_padded_batch_finite(source, dtype, attn_implementation):
+    # Padding and the unused text slots of shorter rows are fully masked queries; they must stay finite
+    # in half precision, where a masked row can overflow.
+    model = convert_model(source, split_layer=2).to(dtype)
+    model.set_attn_implementation(attn_implementation)
+    generator = torch.Generator().manual_seed(12)
+    length = source.config.image_seq_length
+    rows = [make_row(["image", 2], length, generator), make_row([14], length, generator)]
+    input_ids, attention_mask = pad_rows(rows, "left")
+    pixel_values, _ = images_for(rows, length, generator)
+    logits = forward_logits(model, input_ids, attention_mask, pixel_values.to(dtype))
+    assert torch.isfinite(logits).all()
