@@ -123,6 +123,10 @@ def route_tokens(
     that hold image features, filled in row-major order by images of `image_lengths` tokens each.
     """
     batch_size, num_tokens = chunk_mask.shape
+    if image_token_mask is None and num_tokens == 1:
+        # A decode step: the only position is the only slot, and a padding token stays masked
+        # through `text_valid`. Returning early skips the device sync of the `.all()` below.
+        return TokenRoutes(None, chunk_mask, None, None)
     if image_token_mask is None:
         text_mask = chunk_mask
     else:
@@ -391,7 +395,9 @@ class DpvrLlavaModel(DpvrLlavaPreTrainedModel, LlavaModel):
 
         # 3. Deep text stack: text positions only.
         if routes.num_text_slots > 0:
-            text_states = self._run_deep_stack(hidden_states, position_ids, routes, cache, **kwargs)
+            text_states = self._run_deep_stack(
+                hidden_states, position_ids, routes, cache, shared_position_embeddings=position_embeddings, **kwargs
+            )
             if routes.text_index is None:
                 fused = text_states
             else:
@@ -456,12 +462,24 @@ class DpvrLlavaModel(DpvrLlavaPreTrainedModel, LlavaModel):
         return image_states
 
     def _run_deep_stack(
-        self, hidden_states, position_ids, routes: TokenRoutes, cache: DpvrCache | None, **kwargs
+        self,
+        hidden_states,
+        position_ids,
+        routes: TokenRoutes,
+        cache: DpvrCache | None,
+        shared_position_embeddings=None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Run the deep text-only layers over the compact text slots; return states (b, x, d)."""
+        """Run the deep text-only layers over the compact text slots; return states (b, x, d).
+
+        Without a gather the slots are the chunk positions, so the shared stack's rotary embeddings
+        (`shared_position_embeddings`) are reused.
+        """
+        position_embeddings = None
         if routes.text_index is None:
             text_states = hidden_states
             text_positions = position_ids
+            position_embeddings = shared_position_embeddings
         else:
             index = routes.text_index.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
             text_states = torch.gather(hidden_states, 1, index)
@@ -478,7 +496,8 @@ class DpvrLlavaModel(DpvrLlavaPreTrainedModel, LlavaModel):
             cache=cache,
             layer_idx=first_deep,
         )
-        position_embeddings = self.language_model.rotary_emb(text_states, position_ids=text_positions)
+        if position_embeddings is None:
+            position_embeddings = self.language_model.rotary_emb(text_states, position_ids=text_positions)
         for layer in self.language_model.layers[first_deep : self.config.fusion_layers.start]:
             text_states = layer(
                 text_states,
