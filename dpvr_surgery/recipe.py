@@ -26,6 +26,14 @@ RECIPE_FILE_NAME = "dpvr_recipe.yaml"
 # recipe can drive every command.
 SECTION_KEYS: dict[str, frozenset[str]] = {
     "convert": frozenset({"split", "side_branch_depth", "fusion_layers", "side_init", "dtype", "max_shard_size", "seed"}),
+    "analyze": frozenset(
+        {
+            "data", "image_folder", "prompt", "prompts_file", "num_calibration_samples", "max_seq_length", "shuffle",
+            "logit_lens_tokens", "batch_size", "sequential", "device", "device_map", "attn_implementation", "dtype",
+            "seed", "fusion_layers", "rule_lenses", "attention_tolerance", "attention_threshold", "cosine_threshold",
+            "top1_threshold", "min_split",
+        }
+    ),
 }
 
 

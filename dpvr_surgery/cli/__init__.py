@@ -3,6 +3,7 @@
 import click
 
 from .. import __version__
+from .analyze import analyze
 from .convert import convert
 from .demo import demo
 from .generate import generate
@@ -15,6 +16,7 @@ def main():
     """Convert LLaVA-style models to dual-path vision token routing with late-layer fusion (DPVR-LF)."""
 
 
+main.add_command(analyze)
 main.add_command(convert)
 main.add_command(demo)
 main.add_command(generate)
