@@ -26,6 +26,18 @@ RECIPE_FILE_NAME = "dpvr_recipe.yaml"
 # recipe can drive every command.
 SECTION_KEYS: dict[str, frozenset[str]] = {
     "convert": frozenset({"split", "side_branch_depth", "fusion_layers", "side_init", "dtype", "max_shard_size", "seed"}),
+    # `finetune` keys are the fields of FinetuneConfig with the same names.
+    "finetune": frozenset(
+        {
+            "data", "image_folder", "teacher", "objective", "prompts", "train_side_branch", "fusion",
+            "train_projector", "lora_rank", "lora_alpha", "lora_dropout", "epochs", "max_steps", "learning_rate",
+            "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
+            "gradient_accumulation_steps", "global_batch_size", "max_seq_length", "precision",
+            "gradient_checkpointing", "temperature", "teacher_answer_tokens", "teacher_cache", "max_samples",
+            "shuffle", "num_workers", "checkpoint_dir", "save_steps", "save_total_limit", "logging_steps",
+            "tensorboard", "dtype", "max_shard_size", "save_adapter", "seed",
+        }
+    ),
     "analyze": frozenset(
         {
             "data", "image_folder", "prompt", "prompts_file", "num_calibration_samples", "max_seq_length", "shuffle",

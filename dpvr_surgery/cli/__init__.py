@@ -6,6 +6,7 @@ from .. import __version__
 from .analyze import analyze
 from .convert import convert
 from .demo import demo
+from .finetune import finetune
 from .generate import generate
 from .inspect import inspect
 
@@ -19,5 +20,6 @@ def main():
 main.add_command(analyze)
 main.add_command(convert)
 main.add_command(demo)
+main.add_command(finetune)
 main.add_command(generate)
 main.add_command(inspect)
