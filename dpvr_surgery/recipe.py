@@ -38,6 +38,8 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
             "tensorboard", "dtype", "max_shard_size", "save_adapter", "seed",
         }
     ),
+    # `export onnx` reads opset, onnx_dtype, validate and atol. `export safetensors` reads dtype and max_shard_size.
+    "export": frozenset({"opset", "onnx_dtype", "validate", "atol", "dtype", "max_shard_size"}),
     "analyze": frozenset(
         {
             "data", "image_folder", "prompt", "prompts_file", "num_calibration_samples", "max_seq_length", "shuffle",

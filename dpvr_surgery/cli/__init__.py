@@ -6,9 +6,11 @@ from .. import __version__
 from .analyze import analyze
 from .convert import convert
 from .demo import demo
+from .export import export
 from .finetune import finetune
 from .generate import generate
 from .inspect import inspect
+from .push import push
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -20,6 +22,8 @@ def main():
 main.add_command(analyze)
 main.add_command(convert)
 main.add_command(demo)
+main.add_command(export)
 main.add_command(finetune)
 main.add_command(generate)
 main.add_command(inspect)
+main.add_command(push)
