@@ -4,6 +4,7 @@ import click
 
 from .. import __version__
 from .analyze import analyze
+from .bench import bench
 from .convert import convert
 from .demo import demo
 from .export import export
@@ -20,6 +21,7 @@ def main():
 
 
 main.add_command(analyze)
+main.add_command(bench)
 main.add_command(convert)
 main.add_command(demo)
 main.add_command(export)
