@@ -47,7 +47,8 @@ CHAT_TEMPLATE = (
 def tiny_processor() -> LlavaProcessor:
     """A word-level tokenizer over the tiny vocabulary (`w5` is id 5) and a 32-pixel CLIP image processor."""
     vocab = {f"w{i}": i for i in range(VOCAB_SIZE)}
-    for token, token_id in {"<pad>": PAD_TOKEN_ID, "</s>": EOS_TOKEN_ID, "<image>": IMAGE_TOKEN_ID, "<unk>": UNK_TOKEN_ID}.items():
+    special = {"<pad>": PAD_TOKEN_ID, "</s>": EOS_TOKEN_ID, "<image>": IMAGE_TOKEN_ID, "<unk>": UNK_TOKEN_ID}
+    for token, token_id in special.items():
         del vocab[f"w{token_id}"]
         vocab[token] = token_id
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -150,7 +151,15 @@ def test_decoder_names_and_axes(exported, torch_model):
     num_layers = torch_model.config.text_config.num_hidden_layers
     deep_layers = torch_model.config.deep_layers
 
-    routing = ["inputs_embeds", "attention_mask", "position_ids", "text_index", "text_attention_mask", "image_index", "image_attention_mask"]
+    routing = [
+        "inputs_embeds",
+        "attention_mask",
+        "position_ids",
+        "text_index",
+        "text_attention_mask",
+        "image_index",
+        "image_attention_mask",
+    ]
     past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     assert list(inputs) == routing + past
     assert list(outputs) == ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
@@ -160,9 +169,9 @@ def test_decoder_names_and_axes(exported, torch_model):
     for i in range(num_layers):
         expected_past = "past_text_sequence_length" if i in deep_layers else "past_sequence_length"
         assert inputs[f"past_key_values.{i}.key"][2] == expected_past, i
-        expected_present = (
-            "past_text_sequence_length + text_sequence_length" if i in deep_layers else "past_sequence_length + sequence_length"
-        )
+        expected_present = "past_sequence_length + sequence_length"
+        if i in deep_layers:
+            expected_present = "past_text_sequence_length + text_sequence_length"
         assert outputs[f"present.{i}.value"][2] == expected_present, i
 
 
@@ -221,7 +230,9 @@ def test_greedy_generation_matches_pytorch(torch_model, onnx_model):
 def test_generation_stops_at_eos(onnx_model):
     input_ids, attention_mask, pixel_values = batch([[5, "image", 2], [12]], seed=3)
     prompt_length = input_ids.shape[1]
-    free = onnx_model.generate(input_ids.numpy(), attention_mask.numpy(), pixel_values.numpy(), max_new_tokens=6, eos_token_id=[])
+    free = onnx_model.generate(
+        input_ids.numpy(), attention_mask.numpy(), pixel_values.numpy(), max_new_tokens=6, eos_token_id=[]
+    )
     first_tokens = free[:, prompt_length]
     assert first_tokens[0] != first_tokens[1], "the check needs rows whose first new tokens differ"
 
@@ -252,7 +263,9 @@ def test_routing_matches_model(layout):
     expected = route_tokens(attention_mask.bool(), image_token_mask, lengths)
     actual = route_chunk(attention_mask.numpy().astype(bool), image_token_mask.numpy(), lengths)
 
-    text_index = expected.text_index if expected.text_index is not None else torch.arange(input_ids.shape[1]).expand(len(layout), -1)
+    text_index = expected.text_index
+    if text_index is None:
+        text_index = torch.arange(input_ids.shape[1]).expand(len(layout), -1)
     num_slots = expected.text_valid.shape[1]
     np.testing.assert_array_equal(actual.text_valid[:, :num_slots], expected.text_valid.numpy())
     valid = expected.text_valid.numpy()
@@ -321,7 +334,8 @@ def test_validation_fails_on_mismatch(exported, converted, caplog):
 
 
 def test_export_rejects_unconverted_model(workdir, tmp_path):
-    with pytest.raises(InvalidInputError, match="is not a converted dual-path model: its config.json has model_type 'llava'"):
+    message = "is not a converted dual-path model: its config.json has model_type 'llava'"
+    with pytest.raises(InvalidInputError, match=message):
         export_onnx(OnnxExportRequest(model=str(workdir / "source"), output=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -331,7 +345,8 @@ def test_export_checks_free_disk(converted, tmp_path, monkeypatch):
         free = 1000
 
     monkeypatch.setattr(onnx_export.shutil, "disk_usage", lambda path: NearlyFull())
-    with pytest.raises(InvalidInputError, match=r"Not enough free disk space for the ONNX export: about .* GB needed, 0.00 GB free"):
+    message = r"Not enough free disk space for the ONNX export: about .* GB needed, 0.00 GB free"
+    with pytest.raises(InvalidInputError, match=message):
         export_onnx(OnnxExportRequest(model=str(converted), output=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -382,7 +397,8 @@ def test_demo_model_greedy_tokens_match_pytorch(tmp_path):
     photos = demo_photos()
     for item in demo_questions():
         images = [photos[item.photo]] if item.photo else []
-        inputs = processor(images=images or None, text=build_prompt(processor, item.question, len(images)), return_tensors="pt")
+        prompt = build_prompt(processor, item.question, len(images))
+        inputs = processor(images=images or None, text=prompt, return_tensors="pt")
         with torch.no_grad():
             expected = model.generate(**inputs, max_new_tokens=32, do_sample=False)
         arrays = {name: value.numpy() for name, value in inputs.items()}

@@ -94,15 +94,43 @@ def test_adapter_from_separate_folder_through_cli(converted, tmp_path):
     add_lora_adapter(converted, tmp_path / "adapter", r=4, lora_alpha=8)
     result = CliRunner().invoke(
         main,
-        ["export", "safetensors", str(converted), "-o", str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "-q"],
+        [
+            "export", "safetensors", str(converted), "-o", str(tmp_path / "merged"),
+            "--adapter", str(tmp_path / "adapter"), "-q",
+        ],
     )
     assert result.exit_code == 0, result.output
-    assert "Merged the LoRA adapter" in result.output
-    assert "into 3 module(s)" in result.output
+    assert "LoRA merged into 3 module(s), 0 weight(s) replaced" in result.output
     merged_layer = load(tmp_path / "merged").model.language_model.layers[FUSION_LAYER]
     original_layer = load(converted).model.language_model.layers[FUSION_LAYER]
     assert not torch.equal(merged_layer.mlp.down_proj.weight, original_layer.mlp.down_proj.weight)
     assert torch.equal(merged_layer.mlp.up_proj.weight, original_layer.mlp.up_proj.weight)
+
+
+def test_finetune_adapter_folder_matches_load_finetuned(converted, tmp_path):
+    from safetensors.torch import save_file
+
+    from dpvr_surgery.finetune import load_finetuned
+
+    adapter = tmp_path / "adapter"
+    add_lora_adapter(converted, adapter, r=4, lora_alpha=8)
+    side_branch = {
+        f"model.side_branch.{key}": value + 0.01
+        for key, value in load(converted).model.side_branch.state_dict().items()
+    }
+    save_file(side_branch, str(adapter / "trained_weights.safetensors"), metadata={"format": "pt"})
+
+    report = export_safetensors(SafetensorsExportRequest(folder=converted, output=tmp_path / "merged", adapter=adapter))
+    assert report["adapter"]["replaced_weights"] == sorted(side_branch)
+    expected = load_finetuned(converted, adapter, dtype=torch.float32).state_dict()
+    for key, value in load(tmp_path / "merged").state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+
+
+def test_adapter_folder_without_weights_rejected(converted, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="Invalid adapter folder .*: neither adapter_config.json"):
+        export_safetensors(SafetensorsExportRequest(folder=converted, output=tmp_path / "out", adapter=tmp_path / "empty"))
 
 
 def test_dtype_cast_and_shards(converted, tmp_path):
@@ -154,11 +182,14 @@ def test_adapter_for_another_model_rejected(converted, tmp_path):
     weights_path = tmp_path / "adapter" / "adapter_model.safetensors"
     from safetensors.torch import load_file, save_file
 
-    renamed = {name.replace(f"layers.{FUSION_LAYER}.", "layers.9."): value for name, value in load_file(str(weights_path)).items()}
+    tensors = load_file(str(weights_path))
+    renamed = {name.replace(f"layers.{FUSION_LAYER}.", "layers.9."): value for name, value in tensors.items()}
     save_file(renamed, str(weights_path))
     assert config_path.is_file()
-    with pytest.raises(InvalidInputError, match=r"targets 3 weight\(s\) that .* does not hold: model\.language_model\.layers\.9\."):
-        export_safetensors(SafetensorsExportRequest(folder=converted, output=tmp_path / "merged", adapter=tmp_path / "adapter"))
+    request = SafetensorsExportRequest(folder=converted, output=tmp_path / "merged", adapter=tmp_path / "adapter")
+    message = r"targets 3 weight\(s\) that .* does not contain: model\.language_model\.layers\.9\."
+    with pytest.raises(InvalidInputError, match=message):
+        export_safetensors(request)
 
 
 def test_invalid_dtype_rejected(converted, tmp_path):

@@ -291,7 +291,10 @@ def test_push_refused_in_offline_mode(folder):
          "pipeline_tag 'text-generation', expected 'image-text-to-text'"),
         ("---\ntags: [a]\npipeline_tag: image-text-to-text\nlibrary_name: transformers\n---\n", "no base_model"),
         ("---\nbase_model: x\npipeline_tag: image-text-to-text\nlibrary_name: transformers\n---\n", "no tags list"),
-        ("---\nbase_model: x\ntags: [a]\npipeline_tag: image-text-to-text\n---\n", "library_name None, expected 'transformers'"),
+        (
+            "---\nbase_model: x\ntags: [a]\npipeline_tag: image-text-to-text\n---\n",
+            "library_name None, expected 'transformers'",
+        ),
         ("# no metadata\n", "no base_model"),
     ],
 )
@@ -303,7 +306,8 @@ def test_model_card_metadata_checked(folder, card, message):
 
 def test_missing_model_code_rejected(folder):
     (folder / "modeling_dpvr_llava.py").unlink()
-    with pytest.raises(InvalidInputError, match=r"Model code modeling_dpvr_llava\.py named in config.json auto_map is missing"):
+    message = r"Model code modeling_dpvr_llava\.py named in config.json auto_map is missing"
+    with pytest.raises(InvalidInputError, match=message):
         push_folder(PushRequest(folder=folder, repo_id=REPO_ID, dry_run=True))
 
 
@@ -325,3 +329,15 @@ def test_invalid_repo_settings_rejected(folder):
         push_folder(PushRequest(folder=folder, repo_id="tiny-dpvr", dry_run=True))
     with pytest.raises(InvalidInputError, match="--create-pr and --revision 'v1' cannot be combined"):
         push_folder(PushRequest(folder=folder, repo_id=REPO_ID, revision="v1", create_pr=True, dry_run=True))
+
+
+def test_all_problems_reported_together(folder):
+    (folder / "README.md").write_text("# no metadata\n")
+    (folder / "configuration_dpvr_llava.py").unlink()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(InvalidInputError) as error:
+        push_folder(PushRequest(folder=folder, repo_id=REPO_ID, dry_run=True))
+    message = str(error.value)
+    assert "Model code configuration_dpvr_llava.py named in config.json auto_map is missing" in message
+    assert "The model card has no base_model" in message
+    assert "No weights found in" in message

@@ -26,9 +26,9 @@ def source_options(function):
 
 def output_options(function):
     """Add -o/--output and --overwrite."""
-    function = option("--overwrite", group="Output", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")(
-        function
-    )
+    function = option(
+        "--overwrite", group="Output", is_flag=True, help="Replace OUTPUT if it exists and is not empty."
+    )(function)
     function = option(
         "-o",
         "--output",
@@ -104,7 +104,8 @@ def export_onnx_command(
         click.echo(json.dumps(report, indent=2))
         return
     for file_name, graph in report["graphs"].items():
-        click.echo(f"{file_name}: {graph['weight_bytes'] / 1e6:.1f} MB of weights, exported in {graph['seconds']:.1f} s")
+        megabytes = graph["weight_bytes"] / 1e6
+        click.echo(f"{file_name}: {megabytes:.1f} MB of weights, exported in {graph['seconds']:.1f} s")
     validation = report["validation"]
     if validation is None:
         click.echo("Validation skipped (--no-validate).")
@@ -133,13 +134,14 @@ def export_onnx_command(
     "--adapter",
     group="Model",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Folder of a peft LoRA adapter to merge (default: the adapter in FOLDER, if it has one).",
+    help="Adapter folder to apply: a peft LoRA adapter and/or the trained_weights.safetensors of `finetune "
+    "--save-adapter` (default: FOLDER's own adapter files, if it has any).",
 )
 @option("--json", "as_json", group="Output", is_flag=True, help="Print the export report as JSON.")
 @misc_options
 @click.pass_context
 def export_safetensors_command(ctx, folder, output, overwrite, dtype, max_shard_size, adapter, as_json, misc):
-    """Rewrite the model FOLDER as safetensors: cast the dtype, re-shard, and merge a LoRA adapter if present."""
+    """Rewrite the model FOLDER as safetensors: cast the dtype, re-shard, and apply an adapter if present."""
     from ..export.safetensors_export import SafetensorsExportRequest, export_safetensors
 
     request = SafetensorsExportRequest(
@@ -154,7 +156,10 @@ def export_safetensors_command(ctx, folder, output, overwrite, dtype, max_shard_
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    merged = report["adapter"]
-    if merged:
-        click.echo(f"Merged the LoRA adapter {merged['path']} into {len(merged['merged_modules'])} module(s).")
+    adapter = report["adapter"]
+    if adapter:
+        click.echo(
+            f"Applied the adapter {adapter['path']}: LoRA merged into {len(adapter['merged_modules'])} module(s), "
+            f"{len(adapter['replaced_weights'])} weight(s) replaced."
+        )
     click.echo(f"Wrote {len(report['files'])} file(s), {report['total_bytes'] / 1e9:.2f} GB of weights, to {output}")

@@ -10,11 +10,28 @@ from .options import GroupedCommand, misc_options, option
 @click.command(cls=GroupedCommand)
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @option("--repo-id", group="Output", required=True, help="Hub repository to create or update, as owner/name.")
-@option("--private", group="Output", is_flag=True, help="Create the repository as private (an existing one keeps its visibility).")
-@option("--revision", group="Output", help="Branch to upload to; created from the default branch if it does not exist.")
-@option("--create-pr", group="Output", is_flag=True, help="Open a pull request with the upload instead of committing directly.")
+@option(
+    "--private",
+    group="Output",
+    is_flag=True,
+    help="Create the repository as private (an existing repository keeps its visibility).",
+)
+@option(
+    "--revision", group="Output", help="Branch to upload to, created from the default branch if it does not exist."
+)
+@option(
+    "--create-pr",
+    group="Output",
+    is_flag=True,
+    help="Open a pull request with the upload instead of committing directly.",
+)
 @option("--commit-message", group="Output", help="Commit message (default: a message naming dpvr-surgery).")
-@option("--dry-run", group="Output", is_flag=True, help="Check the folder and list the files and sizes; no network calls.")
+@option(
+    "--dry-run",
+    group="Output",
+    is_flag=True,
+    help="Check the folder and list the files and sizes, with no network calls.",
+)
 @misc_options
 def push(folder, repo_id, private, revision, create_pr, commit_message, dry_run, misc):
     """Upload the converted model FOLDER to the Hub repository --repo-id, after checking weights, code and card.

@@ -3,10 +3,11 @@
 The folder check runs before any network call. Every weight must load into the model of
 `config.json` with no missing or unexpected keys, and the model code files named in `auto_map` must
 be present. The README model card must carry the Hub metadata `base_model`, `tags`,
-`pipeline_tag: image-text-to-text` and `library_name: transformers`. The upload goes through `huggingface_hub.HfApi` (`create_repo`,
-`create_branch` for a new `--revision`, `upload_folder`); callers and tests pass their own `HfApi`,
-for example one whose `endpoint` is a local server. The token comes from `HfApi`'s usual sources
-(the `token` argument, `HF_TOKEN`, the login cache) and is never printed or logged.
+`pipeline_tag: image-text-to-text` and `library_name: transformers`. The upload goes through
+`huggingface_hub.HfApi` (`create_repo`, `create_branch` for a new `--revision`, `upload_folder`).
+Callers and tests can pass their own `HfApi`, for example one whose `endpoint` is a local server.
+The token comes from `HfApi`'s usual sources (the `token` argument, `HF_TOKEN`, the login cache) and
+is never printed or logged.
 """
 
 import logging
@@ -70,7 +71,9 @@ def push_folder(request: PushRequest, *, api: HfApi | None = None) -> PushResult
     files = list_upload_files(folder)
     result = PushResult(repo_id=request.repo_id, files=files, dry_run=request.dry_run)
     if request.dry_run:
-        logger.info("Dry run: %d files (%d bytes) would be uploaded to %s", len(files), result.total_bytes, request.repo_id)
+        logger.info(
+            "Dry run: %d files (%d bytes) would be uploaded to %s", len(files), result.total_bytes, request.repo_id
+        )
         return result
 
     if constants.is_offline_mode():
@@ -110,12 +113,17 @@ def push_folder(request: PushRequest, *, api: HfApi | None = None) -> PushResult
 def check_push_folder(folder: Path) -> None:
     """Raise InvalidInputError listing everything that keeps `folder` from being a complete Hub model repository."""
     if not folder.is_dir():
-        raise InvalidInputError(f"Folder not found: {folder} does not exist. Pass the output folder of convert or finetune.")
+        raise InvalidInputError(
+            f"Folder not found: {folder} does not exist. Pass the output folder of convert or finetune."
+        )
     config = read_config(folder)
     problems = _missing_model_code(folder, config) + _model_card_problems(folder)
+    try:
+        check_weight_keys(folder)
+    except InvalidInputError as error:
+        problems.append(str(error))
     if problems:
         raise InvalidInputError(f"{folder} is not ready to push: " + " ".join(problems))
-    check_weight_keys(folder)
 
 
 def list_upload_files(folder: Path) -> list[tuple[str, int]]:

@@ -109,7 +109,8 @@ class DummyRoutedDecoderInputGenerator(DummyInputGenerator):
         if input_name == "inputs_embeds":
             return self.random_float_tensor([batch, length, self.hidden_size], -1, 1, framework, float_dtype)
         if input_name == "attention_mask":
-            return self.constant_tensor([batch, self.past_sequence_length + length], 1, _int_dtype(framework, int_dtype), framework)
+            total = self.past_sequence_length + length
+            return self.constant_tensor([batch, total], 1, _int_dtype(framework, int_dtype), framework)
         if input_name == "position_ids":
             return self.random_int_tensor([batch, length], self.past_sequence_length + length, 0, framework, int_dtype)
         if input_name == "text_index":

@@ -197,9 +197,11 @@ def export_graphs(
     onnx_dir.mkdir(parents=True, exist_ok=True)
     float_dtype = OPTIMUM_DTYPE_NAMES[dtype]
     config = model.config
+    vision_config = VisionEncoderExporterConfig(config.vision_config, "feature-extraction", float_dtype=float_dtype)
+    embed_config = EmbedTokensExporterConfig(config.text_config, "feature-extraction", float_dtype=float_dtype)
     jobs = [
-        (VISION_ENCODER_FILE, VisionEncoderGraph(model), VisionEncoderExporterConfig(config.vision_config, "feature-extraction", float_dtype=float_dtype)),
-        (EMBED_TOKENS_FILE, EmbedTokensGraph(model), EmbedTokensExporterConfig(config.text_config, "feature-extraction", float_dtype=float_dtype)),
+        (VISION_ENCODER_FILE, VisionEncoderGraph(model), vision_config),
+        (EMBED_TOKENS_FILE, EmbedTokensGraph(model), embed_config),
         (DECODER_FILE, RoutedDecoderGraph(model), RoutedDecoderExporterConfig(config, float_dtype=float_dtype)),
     ]
     described = {}
@@ -247,7 +249,8 @@ def export_graph(
     _name_axes(program.model.graph.inputs, exporter_config.inputs)
     _name_axes(program.model.graph.outputs, exporter_config.outputs)
 
-    weight_bytes = sum(value.const_value.nbytes for value in program.model.graph.initializers.values() if value.const_value is not None)
+    initializers = program.model.graph.initializers.values()
+    weight_bytes = sum(value.const_value.nbytes for value in initializers if value.const_value is not None)
     external_data = None
     if weight_bytes > external_data_threshold:
         external_data = f"{path.name}_data"

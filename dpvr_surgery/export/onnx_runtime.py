@@ -130,7 +130,8 @@ class OnnxDpvrModel:
         batch_size, num_tokens = input_ids.shape
         if batch_size != state.batch_size:
             raise InvalidInputError(
-                f"The chunk has {batch_size} rows but the cache holds {state.batch_size}; continue with the same batch."
+                f"The chunk has {batch_size} rows but the cache has {state.batch_size}. Continue with the same "
+                "batch size."
             )
         chunk_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
 

@@ -6,6 +6,10 @@ is merged while streaming. Each adapted weight `W` becomes `W + scaling * B @ A`
 `fan_in_fan_out`. The scaling is `alpha / r`, or `alpha / sqrt(r)` for rsLoRA, with `r` and `alpha`
 resolved per module through `rank_pattern` and `alpha_pattern` as peft 0.21 resolves them. Weights
 listed in `modules_to_save` replace the base weights. The sum is computed in fp32 and then cast.
+
+The adapter folder may also contain `trained_weights.safetensors`, the fixed-name tensors that
+`finetune --save-adapter` writes (side branch, projector or full fusion layers). They replace the
+base tensors first, and the LoRA pairs are merged on top, as `load_finetuned` applies them.
 """
 
 import json
@@ -29,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINED_WEIGHTS = "trained_weights.safetensors"
 ADAPTER_PREFIX = "base_model.model."
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -60,8 +65,8 @@ class SafetensorsExportRequest:
 
 
 @dataclass
-class LoraAdapter:
-    """A peft LoRA adapter, as the factors and replacements to apply to base weights by current key."""
+class AdapterWeights:
+    """Trained weights to apply to a base folder, by current key: LoRA factors and whole replacement tensors."""
 
     path: Path
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
@@ -72,9 +77,9 @@ class LoraAdapter:
         return set(self.factors) | set(self.replacements)
 
     def apply(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Return the base tensor with this adapter merged into it (unchanged when the adapter does not touch it)."""
+        """Return the base tensor with the adapter applied (unchanged when the adapter does not touch it)."""
         if key in self.replacements:
-            return self.replacements[key]
+            tensor = self.replacements[key].to(tensor.dtype)
         if key not in self.factors:
             return tensor
         lora_a, lora_b, scaling = self.factors[key]
@@ -85,14 +90,14 @@ class LoraAdapter:
 
 
 def export_safetensors(request: SafetensorsExportRequest) -> dict:
-    """Write `request.folder` to `request.output` as safetensors, cast, re-sharded and with its LoRA adapter merged."""
+    """Write `request.folder` to `request.output` as safetensors, cast, re-sharded and with its adapter applied."""
     folder = Path(request.folder)
     config_dict = read_config(folder)
     if request.dtype not in DTYPES:
         raise InvalidInputError(f"Invalid dtype {request.dtype!r}: choose one of {', '.join(DTYPES)}.")
     max_shard_size = parse_size(request.max_shard_size)
-    adapter_dir = request.adapter or (folder if (folder / ADAPTER_CONFIG).is_file() else None)
-    adapter = load_lora_adapter(Path(adapter_dir)) if adapter_dir else None
+    adapter_dir = request.adapter or (folder if _has_adapter(folder) else None)
+    adapter = load_adapter(Path(adapter_dir)) if adapter_dir else None
     weight_files = find_weight_files(folder)
     if adapter:
         check_adapter_targets(adapter, list_tensor_names(weight_files), folder)
@@ -131,20 +136,46 @@ def export_safetensors(request: SafetensorsExportRequest) -> dict:
     return report
 
 
-def load_lora_adapter(path: Path) -> LoraAdapter:
-    """Read a peft LoRA adapter folder; raise InvalidInputError for adapter types that cannot be merged here."""
+def _has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file() or (folder / TRAINED_WEIGHTS).is_file()
+
+
+def load_adapter(path: Path) -> AdapterWeights:
+    """Read an adapter folder: `trained_weights.safetensors`, a peft LoRA adapter, or both.
+
+    Raises InvalidInputError when the folder has neither, or for LoRA variants that cannot be merged here.
+    """
+    if not _has_adapter(path):
+        raise InvalidInputError(
+            f"Invalid adapter folder {path}: neither {ADAPTER_CONFIG} (a peft LoRA adapter) nor {TRAINED_WEIGHTS} "
+            "(from `finetune --save-adapter`) was found. Pass the folder that peft or finetune wrote."
+        )
+    adapter = AdapterWeights(path=path)
+    if (path / TRAINED_WEIGHTS).is_file():
+        adapter.replacements.update(load_file(str(path / TRAINED_WEIGHTS)))
+    if (path / ADAPTER_CONFIG).is_file():
+        _read_lora_adapter(path, adapter)
+    logger.info(
+        "Read adapter %s: %d LoRA module(s), %d replaced weight(s)",
+        path,
+        len(adapter.factors),
+        len(adapter.replacements),
+    )
+    return adapter
+
+
+def _read_lora_adapter(path: Path, adapter: AdapterWeights) -> None:
     config_path = path / ADAPTER_CONFIG
     weights_path = path / ADAPTER_WEIGHTS
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise InvalidInputError(
-                f"Invalid LoRA adapter folder {path}: {required.name} not found. Pass the folder that peft's "
-                "save_pretrained wrote (adapter_config.json and adapter_model.safetensors)."
-            )
+    if not weights_path.is_file():
+        raise InvalidInputError(
+            f"Invalid LoRA adapter folder {path}: {ADAPTER_WEIGHTS} not found next to {ADAPTER_CONFIG}. Pass the "
+            "folder that peft's save_pretrained wrote."
+        )
     config = json.loads(config_path.read_text(encoding="utf-8"))
     _check_adapter_config(config, config_path)
 
-    adapter = LoraAdapter(path=path, fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    adapter.fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in load_file(str(weights_path)).items():
         inner = name.removeprefix(ADAPTER_PREFIX)
@@ -166,17 +197,15 @@ def load_lora_adapter(path: Path) -> LoraAdapter:
                 f"found {sorted(factors)}."
             )
         adapter.factors[f"{module}.weight"] = (factors["A"], factors["B"], _scaling(config, module, factors["A"]))
-    logger.info("Read LoRA adapter %s: %d adapted module(s)", path, len(adapter.factors))
-    return adapter
 
 
-def check_adapter_targets(adapter: LoraAdapter, tensor_names: list[str], folder: Path) -> None:
-    """Raise InvalidInputError when the adapter touches weights that the folder does not hold."""
+def check_adapter_targets(adapter: AdapterWeights, tensor_names: list[str], folder: Path) -> None:
+    """Raise InvalidInputError when the adapter touches weights that the folder does not contain."""
     keys = {model_key(name) for name in tensor_names}
     missing = sorted(adapter.targets() - keys)
     if missing:
         raise InvalidInputError(
-            f"The LoRA adapter {adapter.path} targets {len(missing)} weight(s) that {folder} does not hold: "
+            f"The adapter {adapter.path} targets {len(missing)} weight(s) that {folder} does not contain: "
             f"{', '.join(missing[:5])}. Pass the adapter trained on this model."
         )
 
@@ -225,7 +254,7 @@ def _copy_folder_files(folder: Path, output: Path) -> list[str]:
     return sorted(copied)
 
 
-def _adapter_summary(adapter: LoraAdapter | None) -> dict | None:
+def _adapter_summary(adapter: AdapterWeights | None) -> dict | None:
     if adapter is None:
         return None
     return {
@@ -237,9 +266,10 @@ def _adapter_summary(adapter: LoraAdapter | None) -> dict | None:
 
 __all__ = [
     "ADAPTER_CONFIG",
-    "LoraAdapter",
+    "TRAINED_WEIGHTS",
+    "AdapterWeights",
     "SafetensorsExportRequest",
     "check_adapter_targets",
     "export_safetensors",
-    "load_lora_adapter",
+    "load_adapter",
 ]

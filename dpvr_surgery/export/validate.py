@@ -118,7 +118,9 @@ def _compare_decoder(model, session: OnnxDpvrModel, generator: np.random.Generat
     for _ in range(NUM_DECODE_STEPS):
         next_tokens = logits[:, -1].argmax(-1, keepdim=True)
         full_mask = np.concatenate([full_mask, np.ones((full_mask.shape[0], 1), dtype=np.int64)], axis=1)
-        torch_step = model(input_ids=next_tokens, attention_mask=torch.from_numpy(full_mask), cache=cache, use_cache=True)
+        torch_step = model(
+            input_ids=next_tokens, attention_mask=torch.from_numpy(full_mask), cache=cache, use_cache=True
+        )
         onnx_step = session.forward(state, next_tokens.numpy())
         step_differences.append(_max_diff(onnx_step, torch_step.logits))
         cache, logits = torch_step.cache, torch_step.logits
@@ -137,7 +139,8 @@ def _compare_decoder(model, session: OnnxDpvrModel, generator: np.random.Generat
     )
     onnx_turn = session.forward(state, turn_ids, turn_mask, turn_pixels.numpy())
     turn_valid = turn_mask.astype(bool)
-    differences["decoder_second_turn"] = _max_diff(onnx_turn[turn_valid], torch_turn.logits[torch.from_numpy(turn_valid)])
+    expected_turn = torch_turn.logits[torch.from_numpy(turn_valid)]
+    differences["decoder_second_turn"] = _max_diff(onnx_turn[turn_valid], expected_turn)
     return differences, prefill_inputs
 
 
