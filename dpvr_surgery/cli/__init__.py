@@ -7,6 +7,7 @@ from .analyze import analyze
 from .bench import bench
 from .convert import convert
 from .demo import demo
+from .eval import eval_command
 from .export import export
 from .finetune import finetune
 from .generate import generate
@@ -24,6 +25,7 @@ main.add_command(analyze)
 main.add_command(bench)
 main.add_command(convert)
 main.add_command(demo)
+main.add_command(eval_command)
 main.add_command(export)
 main.add_command(finetune)
 main.add_command(generate)
