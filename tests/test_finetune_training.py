@@ -1,5 +1,6 @@
 """Fine-tuning on tiny real models: trainable selection, gradient checkpointing, LoRA merge, runs and outputs."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -370,3 +371,9 @@ def test_unconverted_model_rejected(folders):
 def test_invalid_settings_raise(folders, overrides, message):
     with pytest.raises(InvalidInputError, match=message):
         run_finetune(base_config(folders, folders["root"] / "invalid", **overrides))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_package_raises(folders):
+    with pytest.raises(InvalidInputError, match="--tensorboard needs the tensorboard package"):
+        run_finetune(base_config(folders, folders["root"] / "tensorboard", tensorboard=True))

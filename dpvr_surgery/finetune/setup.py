@@ -40,7 +40,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def use_cpu() -> bool:
-    """Whether to run on CPUs: when ACCELERATE_USE_CPU is set or the machine has no accelerator.
+    """Return whether to run on CPUs: when ACCELERATE_USE_CPU is set or the machine has no accelerator.
 
     accelerate joins processes started by torchrun into one group of CPU processes (gloo) only when the
     first PartialState is created with cpu=True, so this must be decided before it exists.
@@ -58,30 +58,35 @@ def build_accelerator(config: FinetuneConfig, precision: str) -> tuple[Accelerat
         raise InvalidInputError(
             "--precision fp16 needs a GPU or another accelerator; on a CPU use --precision bf16 or fp32."
         )
-    num_processes = state.num_processes
-    accumulation = config.accumulation_steps(num_processes)
-    log_with = None
-    if config.tensorboard:
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise InvalidInputError(
-                "--tensorboard needs the tensorboard package, which is not installed. Install it with "
-                "`pip install tensorboard`, or drop --tensorboard."
-            )
-        log_with = "tensorboard"
+    accumulation = config.accumulation_steps(state.num_processes)
+
     folder = config.checkpoint_folder
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=MIXED_PRECISION[precision],
         gradient_accumulation_steps=accumulation,
-        log_with=log_with,
+        log_with=tensorboard_tracker(config),
         project_config=ProjectConfiguration(project_dir=str(folder), logging_dir=str(folder / "runs")),
-        # Supervised batches may hold no image, which leaves the side branch unused; plain DDP would raise.
-        # Distillation batches always hold images.
+        # Supervised batches may contain no image, which leaves the side branch unused, and plain DDP would
+        # raise. Distillation batches always contain images.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.resolved_objective == "sft")],
     )
+
     if not accelerator.is_local_main_process:
         logging.getLogger("dpvr_surgery").setLevel(logging.WARNING)
     return accelerator, accumulation
+
+
+def tensorboard_tracker(config: FinetuneConfig) -> str | None:
+    """Return accelerate's tracker name for `--tensorboard`, or None; raise if tensorboard is missing."""
+    if not config.tensorboard:
+        return None
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise InvalidInputError(
+            "--tensorboard needs the tensorboard package, which is not installed. Install it with "
+            "`pip install tensorboard`, or drop --tensorboard."
+        )
+    return "tensorboard"
 
 
 def release_accelerator_state(accelerator: Accelerator) -> None:
