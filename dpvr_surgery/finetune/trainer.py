@@ -3,8 +3,8 @@
 One script runs on one device or, under `accelerate launch`, on several processes (DDP, FSDP or
 DeepSpeed, as set in the launch configuration). `accelerate` does all distributed work. A run killed at
 any point and restarted with `resume` continues from its newest checkpoint to the same weights as
-an uninterrupted run: the data order is a function of the seed and the epoch, and the checkpoint
-holds the trainable weights, the optimizer, the RNG states and the step.
+an uninterrupted run, because the data order is a function of the seed and the epoch, and the
+checkpoint contains the trainable weights, the optimizer, the RNG states and the step.
 """
 
 import logging
@@ -207,7 +207,7 @@ def prepare_session(config: FinetuneConfig, accelerator: Accelerator, precision:
 
 
 def resume_or_start(session: Session) -> Progress:
-    """Load the newest checkpoint when resuming; otherwise refuse to mix with existing checkpoints."""
+    """Load the newest checkpoint when resuming; otherwise reject a folder that already has checkpoints."""
     config, accelerator = session.config, session.accelerator
     folder = config.checkpoint_folder
     checkpoints = list_checkpoints(folder)
@@ -410,7 +410,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def _scalar_settings(config: FinetuneConfig) -> dict:
-    """The recipe settings as TensorBoard hyper-parameters, which must be numbers, strings or booleans."""
+    """Return the recipe settings as TensorBoard hyper-parameters, which must be numbers, strings or booleans."""
     values = {}
     for key, value in config.recipe_section().items():
         values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
