@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llava",)
 MODEL_CODE_FILES = ("configuration_dpvr_llava.py", "modeling_dpvr_llava.py")
 REPORT_FILE_NAME = "dpvr_report.json"
+SATURATION_PLOT_NAME = "saturation.png"
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -69,6 +70,8 @@ class ConvertRequest:
     verify: bool = True
     seed: int = 0
     saturation: dict | None = None
+    # PNG of the saturation curves, copied into the output folder and shown in the model card.
+    saturation_plot: Path | None = None
     command_line: str = field(default_factory=lambda: shlex.join(["dpvr-surgery", *sys.argv[1:]]))
 
 
@@ -163,11 +166,16 @@ def convert_checkpoint(request: ConvertRequest, *, show_progress: bool = True) -
             verification = verify_conversion(plan.source, folder, dtype=DTYPES[request.dtype])
         report = _build_report(plan, request, written, copied, verification, time.monotonic() - started)
         (folder / REPORT_FILE_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plot_name = None
+        if request.saturation_plot is not None:
+            plot_name = SATURATION_PLOT_NAME
+            shutil.copyfile(request.saturation_plot, folder / plot_name)
         card = render_model_card(
             base_model=request.model,
             report=plan.report,
             command_line=request.command_line,
             verification=verification,
+            saturation_plot=plot_name,
         )
         (folder / "README.md").write_text(card, encoding="utf-8")
     logger.info("Wrote %s in %.1f s (peak RSS %.2f GB)", output, time.monotonic() - started, peak_rss_bytes() / 1e9)

@@ -2,7 +2,9 @@
 layer by layer against in memory, and on a model whose attention collapses at a known layer."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,8 @@ from dpvr_surgery.analysis import AnalysisRequest, SplitRule, choose_split, run_
 from dpvr_surgery.analysis.batches import EncodedSample, lens_positions, make_batches
 from dpvr_surgery.analysis.in_memory import measure_loaded_model
 from dpvr_surgery.analysis.report import layer_statistics, mean_curves
-from dpvr_surgery.analysis.sequential import measure_sequential
+from dpvr_surgery.analysis.sequential import CheckpointParts, measure_sequential
+from dpvr_surgery.errors import InvalidInputError
 
 IMAGE_TOKENS = 16
 NUM_LAYERS = 6
@@ -235,3 +238,21 @@ def test_run_analysis_seed_changes_samples(tmp_path):
     ]
     assert reports[0]["calibration"]["sample_ids"] != reports[1]["calibration"]["sample_ids"]
     assert reports[0]["samples"]["attention_mass"] != reports[1]["samples"]["attention_mass"]
+
+
+def test_sequential_needs_safetensors(tmp_path):
+    model = make_tiny_llava(seed=2)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(InvalidInputError, match="Layer-by-layer analysis reads safetensors files"):
+        CheckpointParts(tmp_path, model.config, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_short_memory_selects_sequential(tmp_path, monkeypatch):
+    make_tiny_llava(seed=5).save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    request = AnalysisRequest(model=str(tmp_path), num_calibration_samples=1, command_line="x")
+    assert run_analysis(request, show_progress=False).report["model"]["mode"] == "in_memory"
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100_000))
+    assert run_analysis(request, show_progress=False).report["model"]["mode"] == "sequential"

@@ -18,6 +18,9 @@ from .batches import Batch
 
 QUERY_CHUNK = 256
 
+# NOTE: the softmax covers every earlier key. Sliding-window attention (Mistral-style backbones with a
+# window shorter than the sequence) and attention-logit soft-capping are not modelled.
+
 
 def rotary_function(attention: nn.Module):
     """Return `apply_rotary_pos_emb` of the modeling file that defines `attention`'s class."""

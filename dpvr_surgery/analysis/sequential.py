@@ -13,7 +13,9 @@ Peak memory is the largest of these parts plus the hidden states of every sample
 tokens the logit lens keeps (samples x layers x logit-lens tokens x hidden size x 4 bytes).
 """
 
+import ctypes
 import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,6 +91,23 @@ class CheckpointParts:
     def unload(self, module: torch.nn.Module) -> None:
         """Free the parameters of a loaded submodule by moving them back to the meta device."""
         module.to("meta")
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the operating system (glibc only; elsewhere a no-op).
+
+    glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MB, so most weights of a
+    vision tower) in the heap. Without a trim, the vision tower's 1.2 GB (llava-1.5-7b, fp32) stayed
+    resident for the whole layer-by-layer run.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("malloc_trim is not available; freed memory stays with the allocator")
 
 
 def measure_sequential(

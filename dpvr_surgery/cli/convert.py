@@ -1,14 +1,16 @@
 """`dpvr-surgery convert`: rewrite a LLaVA checkpoint into the dual-path graph."""
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
 
 from ..convert import ConvertRequest, convert_checkpoint, plan_conversion
-from ..errors import InvalidInputError
 from ..modeling import SIDE_BRANCH_INITS
 from ..plan import PlanSettings, format_plan_report
+from .analyze import SPLIT, analyze_for_convert, parse_split, preview_split
 from .options import GroupedCommand, misc_options, model_options, option, recipe_value, show_progress
 
 
@@ -50,9 +52,11 @@ def plan_options(function):
 @option(
     "--split",
     group="Plan",
-    type=int,
-    help="Split layer s: the first layer that image tokens skip (1..L-K-1). Required for now: automatic "
-    "selection from a saturation analysis is not available yet.",
+    type=SPLIT,
+    default="auto",
+    show_default=True,
+    help="Split layer s: the first layer that image tokens skip (1..L-K-1), or auto: run `dpvr-surgery analyze` "
+    "on MODEL (built-in photos, or the recipe's analyze section) and take the split it chooses.",
 )
 @plan_options
 @option("--max-shard-size", group="Output", default="5GB", show_default=True, help="Largest safetensors shard.")
@@ -73,16 +77,25 @@ def convert(ctx, model, output, split, side_branch_depth, fusion_layers, side_in
             dry_run, verify, as_json, model_options, misc):
     """Convert the LLaVA model MODEL (a folder or a Hub id) into a dual-path DPVR-LF model."""
     section = "convert"
-    split = recipe_value(ctx, misc, section, "split", "split", split)
-    if split is None:
-        raise InvalidInputError(
-            "Missing --split: pass the split layer, for example --split 18 for llava-1.5-7b. Run "
-            "`dpvr-surgery inspect MODEL` to see the layer count and the valid range."
+    split = parse_split(recipe_value(ctx, misc, section, "split", "split", split))
+    fusion_layers = recipe_value(ctx, misc, section, "fusion_layers", "fusion_layers", fusion_layers)
+    saturation, saturation_plot = None, None
+    if split == "auto" and dry_run:
+        split = preview_split(model, fusion_layers, revision=model_options.revision, cache_dir=model_options.cache_dir)
+        click.echo(f"--split auto: the saturation analysis chooses the split when converting; the plan below "
+                   f"previews split {split}.", err=True)
+    elif split == "auto":
+        analysis_folder = Path(tempfile.mkdtemp(prefix="dpvr-analysis-"))
+        ctx.call_on_close(lambda: shutil.rmtree(analysis_folder, ignore_errors=True))
+        split, saturation, saturation_plot = analyze_for_convert(
+            model, misc.recipe.get("analyze", {}), fusion_layers=fusion_layers,
+            seed=recipe_value(ctx, misc, section, "seed", "seed", misc.seed), revision=model_options.revision,
+            cache_dir=model_options.cache_dir, folder=analysis_folder, show_progress=show_progress(misc),
         )
     settings = PlanSettings(
         split_layer=split,
         side_branch_depth=recipe_value(ctx, misc, section, "side_branch_depth", "side_branch_depth", side_branch_depth),
-        num_fusion_layers=recipe_value(ctx, misc, section, "fusion_layers", "fusion_layers", fusion_layers),
+        num_fusion_layers=fusion_layers,
         side_branch_init=recipe_value(ctx, misc, section, "side_init", "side_init", side_init),
     )
     request = ConvertRequest(
@@ -96,6 +109,8 @@ def convert(ctx, model, output, split, side_branch_depth, fusion_layers, side_in
         cache_dir=model_options.cache_dir,
         verify=verify,
         seed=recipe_value(ctx, misc, section, "seed", "seed", misc.seed),
+        saturation=saturation,
+        saturation_plot=saturation_plot,
     )
 
     if dry_run:
