@@ -166,9 +166,10 @@ def make_collapse_model(collapse_layer: int, attn_implementation: str = "eager")
     almost never from it on.
 
     Hidden dimension 0 flags image tokens: the projector writes 4 there and the embeddings 0.
-    Dimension 1 is 4 for every token, and no layer writes to either dimension. In every head, the slow rotary dimension of the
-    query reads the constant, and that of the key reads the flag with weight +3 before the collapse
-    layer and -3 from it on: a large positive, then a large negative term in the scores of image keys.
+    Dimension 1 is 4 for every token, and no layer writes to either dimension. In every head, the slow
+    rotary dimension of the query reads the constant. That of the key reads the flag with weight +3
+    before the collapse layer and -3 from it on, which adds a large positive, then a large negative
+    term to the scores of image keys.
     """
     model = make_tiny_llava(seed=4, attn_implementation=attn_implementation)
     language_model = model.model.language_model
