@@ -13,11 +13,13 @@ What is measured, per model:
   ids (teacher forcing), so both models do exactly the same work;
 - KV-cache bytes: summed over the key and value tensors in the cache after prefill, and
   compared with `dpvr_surgery.plan.prefill_cost`;
-- peak memory: bytes allocated above the weights during one prefill and the decode steps. On CUDA
-  from the allocator's statistics; on CPU from every tensor storage that an operator creates (kernel
-  scratch buffers that never reach Python are not counted);
+- peak memory: bytes allocated above the weights during one prefill and the decode steps. CUDA
+  reports it from the allocator's statistics. On CPU it counts every tensor storage that an operator
+  creates, so kernel scratch buffers that never become tensors are missed;
 - decoding without a cache (full recomputation of the context at every step) for the converted model,
-  the fallback that the DPVR-LF paper used, at each length of `no_cache_tokens`.
+  at each length of `no_cache_tokens`: the fallback for a dual-path model whose cache cannot hold
+  layers of different lengths. Each timed uncached step runs right after the cached step with the
+  same context, in one pass per repeat.
 
 Models come from a named shape with random weights (`build_shape_models`, the exact layer count,
 head ratio and image-token count of a llava-hf config, optionally narrower), from checkpoints
@@ -78,9 +80,9 @@ class BenchSettings:
 
     Every row of the batch contains `num_images` images of `image_tokens` tokens each (None: the
     model's own count) and `text_tokens` text tokens, with no padding. `new_tokens` decode steps
-    follow the prefill (0 skips decoding). `no_cache_tokens` lists the answer lengths at which the
-    converted model also decodes without a cache; `no_cache_samples` steps per length are timed and
-    the rest interpolated linearly in the context length (None times every step).
+    follow the prefill (0 skips decoding). `no_cache_tokens` lists the numbers of new tokens at which
+    the converted model also decodes without a cache. Of each such length, `no_cache_samples` steps
+    are timed and the rest interpolated linearly in the context length (None times every step).
     """
 
     image_tokens: int | None = None
@@ -454,30 +456,34 @@ def measure_prefill(
     return time_prefill(models, inputs.prefill_kwargs(), warmup=warmup, repeats=repeats)
 
 
+def _timed_forward(model: torch.nn.Module, **kwargs):
+    """Run one forward without gradients; return its output and wall-clock seconds."""
+    synchronize(model.device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = model(**kwargs)
+    synchronize(model.device)
+    return output, time.perf_counter() - started
+
+
 def decode_step_seconds(model: torch.nn.Module, inputs: BenchInputs, steps: int) -> list[float]:
     """Prefill (untimed), then time `steps` cached decode steps of one token each; return seconds per step."""
-    device = model.device
     prompt_length = inputs.sequence_length
     full_mask = inputs.attention_mask(prompt_length + steps)
-    with torch.no_grad():
-        output = model(**inputs.prefill_kwargs(), use_cache=True, logits_to_keep=1)
+    output, _ = _timed_forward(model, **inputs.prefill_kwargs(), use_cache=True, logits_to_keep=1)
     cache = output.cache
 
     seconds = []
     for step in range(steps):
-        token = inputs.decode_ids[:, step : step + 1]
-        synchronize(device)
-        started = time.perf_counter()
-        with torch.no_grad():
-            output = model(
-                input_ids=token,
-                attention_mask=full_mask[:, : prompt_length + step + 1],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        synchronize(device)
-        seconds.append(time.perf_counter() - started)
+        output, step_seconds = _timed_forward(
+            model,
+            input_ids=inputs.decode_ids[:, step : step + 1],
+            attention_mask=full_mask[:, : prompt_length + step + 1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seconds.append(step_seconds)
         cache = output.cache
     return seconds
 
@@ -515,26 +521,46 @@ def no_cache_steps(lengths: tuple[int, ...], samples: int | None) -> list[int]:
     return sorted(steps)
 
 
-def measure_no_cache_decode(model: torch.nn.Module, inputs: BenchInputs, steps: list[int], *, repeats: int) -> dict:
-    """Time decode steps that recompute the whole context without a cache; return median seconds per step.
+def measure_no_cache_decode(
+    model: torch.nn.Module, inputs: BenchInputs, steps: list[int], *, repeats: int
+) -> tuple[list[float], dict[int, float]]:
+    """Time cached decode steps and, right after each step in `steps`, the same step without a cache.
 
-    Step `j` is one forward over the prompt and the first `j + 1` new tokens, the same context that
-    cached step `j` attends to.
+    Uncached step `j` is one forward over the prompt and the first `j + 1` new tokens, the context
+    that cached step `j` attends to. Timing the pair back to back lets both see the same machine
+    load. Returns the median seconds of every cached step (0 .. max(steps)) and of each uncached step.
     """
-    seconds = {}
-    device = model.device
-    for step in steps:
-        kwargs = inputs.prefill_kwargs(decoded=step + 1)
-        timings = []
-        for _ in range(repeats):
-            synchronize(device)
-            started = time.perf_counter()
-            with torch.no_grad():
-                model(**kwargs, use_cache=False, logits_to_keep=1)
-            synchronize(device)
-            timings.append(time.perf_counter() - started)
-        seconds[step] = statistics.median(timings)
-    return seconds
+    num_steps = max(steps) + 1
+    timed = set(steps)
+    prompt_length = inputs.sequence_length
+    full_mask = inputs.attention_mask(prompt_length + num_steps)
+    cached_runs: list[list[float]] = []
+    uncached_runs: dict[int, list[float]] = {step: [] for step in steps}
+
+    for _ in range(repeats):
+        output, _ = _timed_forward(model, **inputs.prefill_kwargs(), use_cache=True, logits_to_keep=1)
+        cache = output.cache
+        cached_seconds = []
+        for step in range(num_steps):
+            output, seconds = _timed_forward(
+                model,
+                input_ids=inputs.decode_ids[:, step : step + 1],
+                attention_mask=full_mask[:, : prompt_length + step + 1],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = output.cache
+            cached_seconds.append(seconds)
+            if step in timed:
+                kwargs = inputs.prefill_kwargs(decoded=step + 1)
+                _, seconds = _timed_forward(model, **kwargs, use_cache=False, logits_to_keep=1)
+                uncached_runs[step].append(seconds)
+        cached_runs.append(cached_seconds)
+
+    cached_medians = [statistics.median(run[step] for run in cached_runs) for step in range(num_steps)]
+    uncached_medians = {step: statistics.median(values) for step, values in uncached_runs.items()}
+    return cached_medians, uncached_medians
 
 
 def interpolated_mean(step_seconds: dict[int, float], length: int) -> float:
@@ -765,6 +791,7 @@ def run_bench(models: BenchModels, settings: BenchSettings) -> dict:
     costs = analytic_costs(config, plan, settings, image_tokens, dtype_bytes)
 
     decode_steps = max([settings.new_tokens, *settings.no_cache_tokens])
+    new_tokens = settings.new_tokens
     inputs = make_bench_inputs(
         config, settings, image_tokens=image_tokens, decode_steps=decode_steps, device=original.device, dtype=original.dtype
     )
@@ -777,9 +804,9 @@ def run_bench(models: BenchModels, settings: BenchSettings) -> dict:
     vision = measure_vision_encoder(original, settings, image_tokens)
 
     decode = {}
-    if decode_steps:
-        logger.info("Timing %d cached decode steps per run", decode_steps)
-        decode = measure_decode(named, inputs, decode_steps, warmup=settings.warmup, repeats=settings.repeats)
+    if new_tokens:
+        logger.info("Timing %d cached decode steps per run", new_tokens)
+        decode = measure_decode(named, inputs, new_tokens, warmup=settings.warmup, repeats=settings.repeats)
 
     per_model = {}
     for name, model in named.items():
@@ -811,7 +838,7 @@ def run_bench(models: BenchModels, settings: BenchSettings) -> dict:
         "original": per_model["original"],
         "converted": per_model["converted"],
         "vision_encoder_seconds": summarize(vision) if vision else None,
-        "no_cache": _no_cache_results(models.converted, inputs, settings, decode.get("converted")),
+        "no_cache": _no_cache_results(models.converted, inputs, settings),
     }
     environment["load_average_1min_after"] = _load_average()
     report["ratios"] = _ratios(report)
@@ -857,29 +884,30 @@ def _model_results(model, inputs, settings, prefill_seconds, decode_seconds, pla
     return results
 
 
-def _no_cache_results(model, inputs, settings: BenchSettings, cached_seconds: list[list[float]] | None) -> dict:
+def _no_cache_results(model, inputs, settings: BenchSettings) -> dict:
     """Compare cached decoding with full recomputation at each length of `no_cache_tokens`."""
     if not settings.no_cache_tokens:
         return {}
     steps = no_cache_steps(settings.no_cache_tokens, settings.no_cache_samples)
-    logger.info("Timing %d decode steps without a cache", len(steps))
-    timed = measure_no_cache_decode(model, inputs, steps, repeats=settings.no_cache_repeats)
+    logger.info(
+        "Timing %d cached decode steps, %d of them also without a cache, %d runs",
+        max(steps) + 1,
+        len(steps),
+        settings.no_cache_repeats,
+    )
+    cached, uncached = measure_no_cache_decode(model, inputs, steps, repeats=settings.no_cache_repeats)
 
     results = {}
     for length in settings.no_cache_tokens:
-        no_cache = interpolated_mean(timed, length)
-        entry = {
+        no_cache = interpolated_mean(uncached, length)
+        with_cache = statistics.fmean(cached[:length])
+        results[str(length)] = {
             "no_cache_seconds_per_token": no_cache,
+            "cached_seconds_per_token": with_cache,
+            "cached_over_no_cache": with_cache / no_cache,
             "timed_steps": [step for step in steps if step < length],
             "interpolated": settings.no_cache_samples is not None and length > settings.no_cache_samples,
-            "cached_seconds_per_token": None,
-            "cached_over_no_cache": None,
         }
-        if cached_seconds:
-            cached = per_token_seconds(cached_seconds, length)["median"]
-            entry["cached_seconds_per_token"] = cached
-            entry["cached_over_no_cache"] = cached / no_cache
-        results[str(length)] = entry
     return results
 
 
@@ -929,9 +957,14 @@ def _ratios(report: dict) -> dict:
         "end_to_end_prefill_speedup": None,
         "end_to_end_flop_bound": flop_ratio("prefill_flops"),
     }
+    ratios["prefill_speedup_per_repeat"] = _paired(original["prefill_seconds"], converted["prefill_seconds"])
+    ratios["decode_time_ratio_per_repeat"] = None
     if original["decode_seconds_per_token"] and converted["decode_seconds_per_token"]:
         ratios["decode_time_ratio"] = (
             converted["decode_seconds_per_token"]["median"] / original["decode_seconds_per_token"]["median"]
+        )
+        ratios["decode_time_ratio_per_repeat"] = _paired(
+            converted["decode_seconds_per_token"], original["decode_seconds_per_token"]
         )
     vision = report["vision_encoder_seconds"]
     if vision:
@@ -939,6 +972,11 @@ def _ratios(report: dict) -> dict:
             converted["prefill_seconds"]["median"] + vision["median"]
         )
     return ratios
+
+
+def _paired(numerator: dict, denominator: dict) -> dict:
+    """Summarize the ratios of the two models' timings within each repeat, which ran back to back."""
+    return summarize([first / second for first, second in zip(numerator["samples"], denominator["samples"])])
 
 
 def _goals(report: dict) -> list[dict]:
@@ -1059,6 +1097,7 @@ def _sweep_point(image_tokens: int, text_tokens: int, seconds: dict[str, list[fl
         "original_seconds": original,
         "converted_seconds": converted,
         "speedup": speedup,
+        "speedup_per_repeat": _paired(original, converted),
         "flop_bound": flop_bound,
         "share_of_flop_bound": speedup / flop_bound,
     }
@@ -1092,7 +1131,7 @@ def _format_header(report: dict) -> str:
     lines = [
         f"Bench: {report['model']} [{SOURCE_DESCRIPTIONS.get(report['source'], report['source'])}], "
         f"{environment['dtype']}, {environment['attn_implementation']}",
-        f"Machine: {environment['device']} ({environment['device_name']}), {environment['torch_threads']} torch threads"
+        f"Machine: {environment['device']} ({environment['device_name']}), torch threads: {environment['torch_threads']}"
         f"{load}",
         f"Prompt: batch {prompt['batch_size']}, {images} {'image' if images == 1 else 'images'} x "
         f"{prompt['image_tokens_per_image']} tokens + {prompt['text_tokens']} text tokens = "
@@ -1200,12 +1239,20 @@ def _format_main_table(report: dict) -> str:
 
 def _format_ratios(report: dict) -> str:
     ratios = report["ratios"]
+    per_repeat = ratios["prefill_speedup_per_repeat"]
     lines = [
         f"Prefill speedup {ratios['prefill_speedup']:.3f}x against a FLOP bound of {ratios['flop_bound']:.3f}x: "
-        f"{100 * ratios['share_of_flop_bound']:.1f} % of the bound",
+        f"{100 * ratios['share_of_flop_bound']:.1f} % of the bound (within each repeat: median "
+        f"{per_repeat['median']:.3f}x, {per_repeat['min']:.3f}-{per_repeat['max']:.3f})",
         f"Analytic change: decoder token-layers {100 * ratios['token_layers_change']:+.1f} %, decoder FLOPs "
         f"{100 * ratios['decoder_flops_change']:+.1f} %, prefill FLOPs with vision {100 * ratios['prefill_flops_change']:+.1f} %",
     ]
+    decode_per_repeat = ratios["decode_time_ratio_per_repeat"]
+    if decode_per_repeat:
+        lines.append(
+            f"Decode time per token, converted / original: {ratios['decode_time_ratio']:.3f} (within each repeat: "
+            f"median {decode_per_repeat['median']:.3f}, {decode_per_repeat['min']:.3f}-{decode_per_repeat['max']:.3f})"
+        )
     vision = report["vision_encoder_seconds"]
     if vision:
         lines.append(

@@ -14,7 +14,9 @@ from .errors import InvalidInputError  # noqa: E402
 def plot_speedup(points: list[dict], path: str | Path, *, title: str = "") -> Path:
     """Write a PNG of measured prefill speedup (solid) and its FLOP bound (dashed) against image tokens.
 
-    `points` are the dicts that `sweep_prefill` returns; each text length gets its own colour.
+    `points` are the dicts that `sweep_prefill` returns; each text length gets its own colour. The
+    measured value is the median over repeats of the speedup within each repeat (the two models ran
+    back to back), with bars from the smallest to the largest of those speedups.
     """
     if not points:
         raise InvalidInputError("no sweep points to plot: pass at least one image-token count and one text length")
@@ -28,8 +30,14 @@ def plot_speedup(points: list[dict], path: str | Path, *, title: str = "") -> Pa
         series = sorted((point for point in points if point["text_tokens"] == text_tokens), key=_image_tokens)
         image_tokens = [point["image_tokens"] for point in series]
         colour = colours[index % len(colours)]
-        axes.plot(image_tokens, [point["speedup"] for point in series], "o-", color=colour,
-                  label=f"{text_tokens} text tokens, measured")
+        per_repeat = [point["speedup_per_repeat"] for point in series]
+        medians = [summary["median"] for summary in per_repeat]
+        spread = [
+            [median - summary["min"] for median, summary in zip(medians, per_repeat)],
+            [summary["max"] - median for median, summary in zip(medians, per_repeat)],
+        ]
+        axes.errorbar(image_tokens, medians, yerr=spread, fmt="o-", color=colour, capsize=3,
+                      label=f"{text_tokens} text tokens, measured")
         axes.plot(image_tokens, [point["flop_bound"] for point in series], "--", color=colour,
                   label=f"{text_tokens} text tokens, FLOP bound")
 

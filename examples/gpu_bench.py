@@ -9,8 +9,8 @@ decoding without a cache at 64 and 256 new tokens, every step. Then it times a p
 image-token counts and text lengths and plots it next to the JSON. The JSON is rewritten after every step, so
 a run that is cut short keeps what it measured.
 
-Time: about 4-6 minutes on one H200, an estimate from the step counts (256 decode steps per run);
-it has not been timed on a GPU yet. `--budget-seconds` (default 420) keeps the whole run under
+Time: about 3-5 minutes on one H200. This is an estimate from the step counts (eight runs of 64
+decode steps per shape, then 256 cached and 256 uncached steps once), not yet timed on a GPU. `--budget-seconds` (default 420) keeps the whole run under
 8 minutes: when the 7b timings predict that 13b would pass the budget, 13b runs with fewer repeats
 and without the 256-token comparison, and the sweeps are skipped when little time is left.
 

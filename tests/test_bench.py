@@ -43,6 +43,7 @@ MODEL_FIELDS = {
 RATIO_FIELDS = {
     "prefill_speedup", "flop_bound", "share_of_flop_bound", "decoder_flops_change", "prefill_flops_change",
     "token_layers_change", "kv_cache_ratio", "decode_time_ratio", "end_to_end_prefill_speedup", "end_to_end_flop_bound",
+    "prefill_speedup_per_repeat", "decode_time_ratio_per_repeat",
 }
 # Small enough for seconds on a CPU: no warm-up, one run, two or three decode steps.
 QUICK = {"warmup": 0, "repeats": 1, "no_cache_samples": None, "no_cache_repeats": 1}

@@ -189,11 +189,14 @@ def bench(model, shape, hidden_size, converted, revision, cache_dir, dtype, spli
             repeats=repeats,
             seed=misc.seed,
         )
+
+    _write_outputs(report, as_json, output)
+    if plot is not None:
         from ..bench_plot import plot_speedup
 
         plot_speedup(report["sweep"], plot, title=_plot_title(report))
-
-    _write_outputs(report, as_json, output, plot)
+        if not as_json:
+            click.echo(f"Wrote {plot}")
     check_kv_cache(report)
 
 
@@ -249,7 +252,7 @@ def _plot_title(report: dict) -> str:
     )
 
 
-def _write_outputs(report: dict, as_json: bool, output: Path | None, plot: Path | None) -> None:
+def _write_outputs(report: dict, as_json: bool, output: Path | None) -> None:
     text = json.dumps(report, indent=2)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -260,5 +263,3 @@ def _write_outputs(report: dict, as_json: bool, output: Path | None, plot: Path 
     click.echo(format_bench_report(report), nl=False)
     if output is not None:
         click.echo(f"\nWrote {output}")
-    if plot is not None:
-        click.echo(f"Wrote {plot}")
