@@ -51,10 +51,6 @@ def test_inspect_needs_model_or_shape():
 
 def test_convert_cli_and_errors(source_dir, tmp_path):
     output = tmp_path / "converted"
-    missing_split = run("convert", source_dir, "-o", output)
-    assert missing_split.exit_code == 2
-    assert "Missing --split" in missing_split.output
-
     dry = run("convert", source_dir, "-o", output, "--split", "2", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "keys checked" in dry.output
@@ -132,8 +128,14 @@ def test_generate_unreadable_image(source_dir, tmp_path):
 
 def test_demo_end_to_end(tmp_path):
     # The real SmolLM2-135M-Instruct weights: text-only answers must equal the original's exactly.
-    result = run("demo", "-o", tmp_path / "demo", "--max-new-tokens", "12", "--repeats", "1", "-q")
+    result = run("demo", "-o", tmp_path / "demo", "--max-new-tokens", "12", "--repeats", "1",
+                 "--per-category", "1", "--calibration-samples", "4", "-q")
     assert result.exit_code == 0, result.output
     assert result.output.count("identical: yes") == 2
     assert "The capital of France is Paris" in result.output
-    assert "Prefill, one photo question" in result.output
+    assert "Saturation per decoder layer" in result.output
+    assert "Split layer: " in result.output
+    assert "(chosen by the analysis)" in result.output
+    assert "Held-out accuracy, before and after conversion (6 scene questions" in result.output
+    assert "Prefill, one scene question" in result.output
+    assert (tmp_path / "demo" / "analysis" / "saturation.png").is_file()
