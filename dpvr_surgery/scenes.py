@@ -299,9 +299,9 @@ def training_records(
 ) -> list[SceneRecord]:
     """Draw `count` multi-turn records whose layouts are not in `exclude_layouts` (the held-out scenes).
 
-    Each record asks `questions_per_scene` questions of distinct categories in random order (a caption
-    among them only when `caption_only` is false and its turn comes up), or only a caption when
-    `caption_only` is true.
+    Each record asks up to `questions_per_scene` questions of distinct categories in random order (fewer
+    when the scene has no question of a drawn category, such as a relation with one object), or only a
+    caption when `caption_only` is true.
     """
     _check_positive("count", count)
     _check_positive("questions_per_scene", questions_per_scene)
@@ -319,7 +319,9 @@ def training_records(
             categories = rng.sample(CATEGORIES, min(questions_per_scene, len(CATEGORIES)))
             questions = [sample_question(pool, category, rng) for category in categories]
         questions = [item for item in questions if item is not None]
-        records.append(SceneRecord(f"train-{len(records):06d}", scene, tuple(questions)))
+        # A one-object scene has no relation question, so a one-question record can come out empty.
+        if questions:
+            records.append(SceneRecord(f"train-{len(records):06d}", scene, tuple(questions)))
     return records
 
 

@@ -148,6 +148,14 @@ def test_training_records_skip_excluded_layouts():
         assert len(set(categories)) == len(categories)
 
 
+def test_one_question_records_never_empty():
+    records = training_records(4, 60, questions_per_scene=1)
+
+    assert len(records) == 60
+    assert all(len(record.questions) == 1 for record in records)
+    assert any(len(record.scene.objects) == 1 for record in records)
+
+
 def test_write_llava_json_format(tmp_path):
     records = training_records(5, 3, questions_per_scene=3)
     path = write_llava_json(records, tmp_path, name="train.json")
