@@ -154,7 +154,7 @@ def convert_checkpoint(request: ConvertRequest, *, show_progress: bool = True) -
     started = time.monotonic()
     plan = plan_conversion(request)
     output = Path(request.output)
-    with atomic_output_dir(output, overwrite=request.overwrite) as folder:
+    with atomic_output_dir(output, overwrite=request.overwrite, inputs=[plan.source]) as folder:
         written = _write_weights(plan, request, folder, show_progress=show_progress)
         _write_config(plan.config, request.dtype, folder)
         _write_model_code(folder)

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from dpvr_surgery.errors import InvalidInputError
+from dpvr_surgery.output import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ def build_demo_llava(
         llava.generation_config = generation_config
         llava.save_pretrained(folder)
         processor.save_pretrained(folder)
+        for weights in Path(folder).glob("*.safetensors"):
+            apply_umask(weights)  # transformers saves through safetensors, which creates files with mode 0600
 
     _write_atomically(output_dir, write, overwrite)
     logger.info("Saved the demo LLaVA checkpoint to %s", output_dir)

@@ -10,7 +10,7 @@ import resource
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -87,6 +87,23 @@ def _invalid_size(text: object) -> InvalidInputError:
 
 
 # --------------------------------------------------------------------------- sharded safetensors
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to the safetensors file `path`, readable like any other file the process creates.
+
+    safetensors 0.8 creates its files with mode 0600 whatever the umask; the mode is reset here so that
+    weight files get the same permissions as the config and tokenizer files next to them.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    apply_umask(path)
+
+
+def apply_umask(path: Path) -> None:
+    """Set the mode of the file `path` to 0666 minus the process umask, as `open()` would have created it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _shard_file_name(index: int, total: int) -> str:
@@ -171,7 +188,7 @@ class ShardedSafetensorsWriter:
     def _write_shard(self) -> None:
         number = len(self._written) + 1
         path = self.folder / f"model-{number:05d}.safetensors.partial"
-        save_file(self._shard, str(path), metadata=self.metadata)
+        save_safetensors(self._shard, path, metadata=self.metadata)
         logger.debug("Wrote shard %d (%d tensors, %d bytes) to %s", number, len(self._shard), self._shard_bytes, path)
 
         self._written.append((path, list(self._shard)))
@@ -227,15 +244,17 @@ class ShardedSafetensorsWriter:
 
 
 @contextmanager
-def atomic_output_dir(output: Path, *, overwrite: bool) -> Iterator[Path]:
+def atomic_output_dir(output: Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a new temporary folder next to `output` and rename it to `output` when the block succeeds.
 
     With `overwrite`, an existing `output` is moved aside first and deleted only after the rename
     succeeded. On any exception the temporary folder is removed and an existing `output` is left as it
     was. Raises InvalidInputError before anything is written when `output` is a file, a symbolic link,
-    or a non-empty folder and `overwrite` is false.
+    or a non-empty folder and `overwrite` is false, or when replacing `output` would delete one of the
+    `inputs` (local paths the command reads; None and Hub ids that are not local paths are skipped).
     """
     output = Path(output)
+    check_output_not_input(output, inputs)
     _check_output_target(output, overwrite=overwrite)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +268,20 @@ def atomic_output_dir(output: Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def check_output_not_input(output: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Raise InvalidInputError when `output` is one of `inputs` or a folder that contains one."""
+    target = output.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        path = Path(item).resolve()
+        if path == target or target in path.parents:
+            raise InvalidInputError(
+                f"Invalid output folder {output}: writing there would replace the input {item}, which this "
+                "command reads. Choose an output folder outside the input."
+            )
 
 
 def _check_output_target(output: Path, *, overwrite: bool) -> None:

@@ -825,3 +825,29 @@ def test_peak_rss_bytes():
     # ru_maxrss is updated lazily, so it may trail the current value by a few pages.
     assert peak >= 0.9 * current
     assert peak < psutil.virtual_memory().total
+
+
+def test_atomic_output_rejects_input_folder(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+
+    for output in (source, tmp_path):
+        with pytest.raises(InvalidInputError, match="would replace the input"):
+            with atomic_output_dir(output, overwrite=True, inputs=[None, "llava-hf/not-a-local-path", source]):
+                pass
+
+    assert (source / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_weight_files_follow_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        writer = ShardedSafetensorsWriter(tmp_path, 1_000_000)
+        writer.add("weight", torch.zeros(4))
+        (path,) = writer.finish()
+    finally:
+        os.umask(umask)
+
+    assert path.stat().st_mode & 0o777 == 0o644

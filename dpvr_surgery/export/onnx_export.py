@@ -88,7 +88,7 @@ def export_onnx(request: OnnxExportRequest) -> dict:
     model = load_model_for_export(source, request.dtype)
     check_free_disk(Path(request.output), estimate_onnx_bytes(model))
 
-    with atomic_output_dir(Path(request.output), overwrite=request.overwrite) as folder:
+    with atomic_output_dir(Path(request.output), overwrite=request.overwrite, inputs=[source]) as folder:
         graphs = export_graphs(
             model,
             folder / ONNX_SUBFOLDER,

@@ -103,7 +103,8 @@ def export_safetensors(request: SafetensorsExportRequest) -> dict:
         check_adapter_targets(adapter, list_tensor_names(weight_files), folder)
 
     target_dtype = DTYPES[request.dtype]
-    with atomic_output_dir(Path(request.output), overwrite=request.overwrite) as output:
+    inputs = [folder, adapter_dir]
+    with atomic_output_dir(Path(request.output), overwrite=request.overwrite, inputs=inputs) as output:
         writer = ShardedSafetensorsWriter(output, max_shard_size)
         total_bytes = 0
         for name, tensor in iter_tensors(weight_files):

@@ -109,6 +109,10 @@ class FinetuneConfig:
             lora_dropout=self.lora_dropout,
         )
 
+    def input_paths(self) -> list[str | None]:
+        """Return the model, teacher, data and image folder settings, the paths that OUT must not replace."""
+        return [self.model, self.teacher, self.data, self.image_folder]
+
     def validate(self) -> None:
         """Raise InvalidInputError for inconsistent or out-of-range settings, before anything loads."""
         _check_choice("objective", self.objective, OBJECTIVES)

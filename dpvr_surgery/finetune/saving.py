@@ -16,13 +16,21 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..checkpoint import find_weight_files, iter_tensors, resolve_model_path
 from ..errors import InvalidInputError
 from ..modeling import DpvrLlavaForConditionalGeneration
-from ..output import ShardedSafetensorsWriter, atomic_output_dir, copy_side_files, parse_size, peak_rss_bytes
+from ..output import (
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    check_output_not_input,
+    copy_side_files,
+    parse_size,
+    peak_rss_bytes,
+    save_safetensors,
+)
 from ..recipe import RECIPE_FILE_NAME, load_recipe, write_recipe
 from .trainable import LORA_KEY_PATTERN, lora_adapter_state, merge_lora_state
 
@@ -36,10 +44,11 @@ LORA_CONFIG_NAME = "adapter_config.json"
 SAVE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_output_folder(output: Path, *, overwrite: bool) -> None:
-    """Raise InvalidInputError before training when OUT cannot be written: a file, or a non-empty folder
-    without `overwrite`."""
+def check_output_folder(output: Path, *, overwrite: bool, inputs=()) -> None:
+    """Raise InvalidInputError before training when OUT cannot be written: a file, a non-empty folder
+    without `overwrite`, or a folder whose replacement would delete one of the `inputs`."""
     output = Path(output)
+    check_output_not_input(output, inputs)
     if output.exists() and not output.is_dir():
         raise InvalidInputError(f"Invalid output folder {output}: a file with that name exists. Choose another folder.")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -63,7 +72,8 @@ def write_output(session, state: dict[str, torch.Tensor], progress, *, seconds: 
     config = session.config
     trained = trained_state(session.student, state)
     report = build_report(session, progress, seconds)
-    with atomic_output_dir(Path(config.output), overwrite=config.overwrite) as folder:
+    inputs = [session.model_path, *config.input_paths()]
+    with atomic_output_dir(Path(config.output), overwrite=config.overwrite, inputs=inputs) as folder:
         if config.save_adapter:
             files = write_adapter_files(folder, trained, session.lora_config, session.model_path, config.dtype)
         else:
@@ -135,11 +145,11 @@ def write_adapter_files(folder: Path, trained: dict, lora_config, model_path: Pa
         if not LORA_KEY_PATTERN.match(key)
     }
     if direct:
-        save_file(direct, str(folder / TRAINED_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(direct, folder / TRAINED_WEIGHTS_NAME, metadata={"format": "pt"})
         files.append(TRAINED_WEIGHTS_NAME)
     if lora_config is not None:
         adapter = {key: tensor.contiguous() for key, tensor in lora_adapter_state(trained).items()}
-        save_file(adapter, str(folder / LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(adapter, folder / LORA_WEIGHTS_NAME, metadata={"format": "pt"})
         lora_config.base_model_name_or_path = str(model_path)
         lora_config.save_pretrained(str(folder))
         files += [LORA_WEIGHTS_NAME, LORA_CONFIG_NAME]

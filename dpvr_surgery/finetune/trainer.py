@@ -108,7 +108,7 @@ def run_finetune(config: FinetuneConfig) -> dict:
     """
     started = time.monotonic()
     config.validate()
-    check_output_folder(Path(config.output), overwrite=config.overwrite)
+    check_output_folder(Path(config.output), overwrite=config.overwrite, inputs=config.input_paths())
     precision = resolve_precision(config.precision)
     accelerator, accumulation = build_accelerator(config, precision)
     try:
