@@ -264,7 +264,8 @@ def format_demo_result(result: DemoResult) -> str:
 def _format_split(result: DemoResult) -> list[str]:
     layout = result.report["plan"]
     split = layout["split_layer"]
-    lines = ["Saturation per decoder layer (mean +- std over the calibration scenes):", format_table(result.analysis)]
+    lines = ["Saturation per decoder layer (mean +- std over the calibration scenes):",
+             format_table(result.analysis, split_layer=split)]
     if result.plot is not None:
         lines.append(f"Plot: {result.plot}")
     source = {

@@ -65,7 +65,7 @@ def verify_conversion(source: Path, converted: Path, *, dtype: torch.dtype | Non
         )
     if not result["image_prompt_finite"]:
         raise VerificationError("The converted model gave non-finite logits for an image prompt. Nothing was written.")
-    logger.info("Verified: text-only logits within %.3g of the source", max_abs_diff)
+    logger.info("Verified: text-only logits match the source's (max abs diff %.3g)", max_abs_diff)
     return result
 
 

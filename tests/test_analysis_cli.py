@@ -1,6 +1,9 @@
 """`dpvr-surgery analyze` and `convert --split auto` on tiny real checkpoints with a processor."""
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -209,3 +212,21 @@ def test_convert_split_auto_failure_names_the_fix(tmp_path):
     assert result.exit_code == 2
     assert "--split auto failed: Cannot load the processor" in result.output
     assert "Pass --split N to choose the split yourself" in result.output
+
+
+def test_convert_split_auto_without_saturation_stops(source, tmp_path):
+    # Attention mass is never exactly zero in a random model, so this rule finds no saturated layer.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"version": 1, "analyze": {"num_calibration_samples": 2,
+                                                                "attention_threshold": 0.0}}))
+    output = tmp_path / "converted"
+    result = run("convert", source, "-o", output, "--recipe", recipe, "--no-verify", "-q")
+
+    assert result.exit_code == 2
+    assert "--split auto found no saturated layer" in result.output
+    assert "Pass --split N" in result.output
+    assert not output.exists()
+    kept = re.search(r"The report and plot are in (\S+)\. ", result.output)
+    assert kept is not None
+    assert (Path(kept.group(1)) / "saturation_report.json").is_file()
+    shutil.rmtree(kept.group(1))

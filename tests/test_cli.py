@@ -59,7 +59,17 @@ def test_convert_cli_and_errors(source_dir, tmp_path):
 
     done = run("convert", source_dir, "-o", output, "--split", "2", "-q")
     assert done.exit_code == 0, done.output
-    assert "Verified: text-only logits within" in done.output
+    assert "Verified: text-only logits match the source's (max abs diff" in done.output
+
+    from_converted = run("inspect", output, "--json")
+    from_source = run("inspect", source_dir, "--split", "2", "--json")
+    assert from_converted.exit_code == 0, from_converted.output
+    converted_report, source_report = json.loads(from_converted.output), json.loads(from_source.output)
+    assert converted_report.pop("model") != source_report.pop("model")
+    assert converted_report == source_report
+    other_split = run("inspect", output, "--split", "3")
+    assert other_split.exit_code == 2
+    assert "already converted with split layer 2" in other_split.output
 
     again = run("convert", source_dir, "-o", output, "--split", "2")
     assert again.exit_code == 2
@@ -68,6 +78,11 @@ def test_convert_cli_and_errors(source_dir, tmp_path):
     out_of_range = run("convert", source_dir, "-o", tmp_path / "other", "--split", "7")
     assert out_of_range.exit_code == 2
     assert "valid range 1..4" in out_of_range.output
+
+    onto_source = run("convert", source_dir, "-o", source_dir, "--split", "2", "--overwrite")
+    assert onto_source.exit_code == 2
+    assert "would replace the input" in onto_source.output
+    assert (source_dir / "config.json").is_file()
 
 
 def test_convert_recipe_and_overrides(source_dir, tmp_path):
@@ -139,6 +154,8 @@ def test_demo_end_to_end(tmp_path):
     # analysis's own fallback to the latest layer, which would save nothing).
     assert re.search(r"Split layer: \d+ \((chosen by the analysis|the analysis found no saturation)", result.output)
     assert "Split layer: 28 " not in result.output
+    used = re.search(r"Split layer: (\d+) ", result.output).group(1)
+    assert re.search(rf"^{used} .*text only  <- split$", result.output, flags=re.MULTILINE)
     assert "Held-out accuracy, before and after conversion (6 scene questions" in result.output
     assert "Prefill, one scene question" in result.output
     assert (tmp_path / "demo" / "analysis" / "saturation.png").is_file()

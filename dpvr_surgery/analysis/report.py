@@ -93,17 +93,22 @@ def write_report(report: dict, folder: Path) -> Path:
     return path
 
 
-def _route(layer: int, split: dict, num_layers: int) -> str:
-    """Return the route of layer `layer` after conversion with the decided split, for the table."""
-    if layer < split["split_layer"]:
+def _route(layer: int, split_layer: int, num_fusion_layers: int, num_layers: int) -> str:
+    """Return the route of layer `layer` after conversion at `split_layer`, for the table."""
+    if layer < split_layer:
         return "shared"
-    if layer < num_layers - split["rule"]["num_fusion_layers"]:
-        return "text only" + ("  <- split" if layer == split["split_layer"] else "")
+    if layer < num_layers - num_fusion_layers:
+        return "text only" + ("  <- split" if layer == split_layer else "")
     return "fusion"
 
 
-def format_table(report: dict) -> str:
-    """Return the per-layer curves (mean +- std over samples), each layer's route, and the decision."""
+def format_table(report: dict, *, split_layer: int | None = None) -> str:
+    """Return the per-layer curves (mean +- std over samples), each layer's route, and the decision.
+
+    The route column shows the decided split, or `split_layer` when the caller converts at another one.
+    """
+    split_layer = report["split"]["split_layer"] if split_layer is None else split_layer
+    num_fusion_layers = report["split"]["rule"]["num_fusion_layers"]
     layers = report["layers"]
     num_layers = len(layers)
     headers = ["layer", *(CURVE_LABELS[name] for name in LENS_NAMES), "route after conversion"]
@@ -112,7 +117,7 @@ def format_table(report: dict) -> str:
         cells = [str(entry["layer"])]
         for name in LENS_NAMES:
             cells.append(f"{entry[name]['mean']:.4f} +- {entry[name]['std']:.4f}")
-        cells.append(_route(entry["layer"], report["split"], num_layers))
+        cells.append(_route(entry["layer"], split_layer, num_fusion_layers, num_layers))
         rows.append(cells)
 
     widths = [max(len(headers[column]), *(len(row[column]) for row in rows)) for column in range(len(headers))]

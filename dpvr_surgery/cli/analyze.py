@@ -282,8 +282,23 @@ def analyze_for_convert(
             "MODEL` shows the valid range)."
         ) from error
     paths = write_outputs(result, folder, title=plot_title(model))
-    logger.info("%s", result.decision.explanation)
-    return result.decision.split_layer, saturation_summary(result.report), paths["plot"]
+    decision = result.decision
+    if not decision.saturated:
+        # The rule's fallback, the latest valid split, would write a model that saves almost nothing.
+        used = ", ".join(proposal.lens for proposal in decision.proposals if proposal.used)
+        proposals = ", ".join(
+            f"{proposal.lens} {proposal.split_layer}" for proposal in decision.proposals
+            if proposal.split_layer is not None
+        ) or "none"
+        raise InvalidInputError(
+            f"--split auto found no saturated layer in {model} with the rule's lens(es) {used}. Its fallback, "
+            f"split {decision.split_layer} (the latest valid one), would save almost nothing, so nothing was "
+            f"written. Splits that each lens alone would choose: {proposals}. The report and plot are in "
+            f"{folder}. Pass --split N to convert at a split you choose, or relax the rule in the recipe's "
+            "analyze section (rule_lenses, attention_tolerance)."
+        )
+    logger.info("%s", decision.explanation)
+    return decision.split_layer, saturation_summary(result.report), paths["plot"]
 
 
 # llava-1.5-7b's published split, 18 of its 32 layers, as a ratio for previews.

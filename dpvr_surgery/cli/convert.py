@@ -86,12 +86,14 @@ def convert(ctx, model, output, split, side_branch_depth, fusion_layers, side_in
                    f"previews split {split}.", err=True)
     elif split == "auto":
         analysis_folder = Path(tempfile.mkdtemp(prefix="dpvr-analysis-"))
-        ctx.call_on_close(lambda: shutil.rmtree(analysis_folder, ignore_errors=True))
         split, saturation, saturation_plot = analyze_for_convert(
             model, misc.recipe.get("analyze", {}), fusion_layers=fusion_layers,
             seed=recipe_value(ctx, misc, section, "seed", "seed", misc.seed), revision=model_options.revision,
             cache_dir=model_options.cache_dir, folder=analysis_folder, show_progress=show_progress(misc),
         )
+        # Registered only after success: when no layer saturates, the error names this folder, which keeps
+        # the report and plot.
+        ctx.call_on_close(lambda: shutil.rmtree(analysis_folder, ignore_errors=True))
     settings = PlanSettings(
         split_layer=split,
         side_branch_depth=recipe_value(ctx, misc, section, "side_branch_depth", "side_branch_depth", side_branch_depth),
@@ -130,5 +132,5 @@ def convert(ctx, model, output, split, side_branch_depth, fusion_layers, side_in
     click.echo(format_plan_report(report["plan"]))
     verification = report["verification"]
     if verification and not verification.get("skipped"):
-        click.echo(f"Verified: text-only logits within {verification['max_abs_diff']:.3g} of the source.")
+        click.echo(f"Verified: text-only logits match the source's (max abs diff {verification['max_abs_diff']:.3g}).")
     click.echo(f"Wrote {output}")
