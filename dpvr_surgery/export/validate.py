@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 # Default tolerances per dtype: fp32 kernels of PyTorch and onnxruntime agree to rounding, fp16 less so.
 ATOL = {torch.float32: 1e-4, torch.float16: 5e-2}
+# Without an explicit tolerance, a difference above ATOL still passes when it is at most this many times
+# the difference between PyTorch's own eager and sdpa attention on the same prefill. Rounding grows with
+# model depth and prompt length: on SmolLM2-135M (30 layers) at up to 1,160 tokens, onnxruntime differed
+# by 2.1 to 3.7 times that kernel spread (docs/export.md), while routing errors give differences of order 1.
+KERNEL_SPREAD_FACTOR = 10.0
 NUM_DECODE_STEPS = 2
 # Rows of the check batch: text lengths around image spans ("image").
 ROW_LAYOUTS = ([7], [3, "image", 5], [2, "image", 1, "image", 4])
@@ -38,11 +43,14 @@ def validate_onnx_export(
 ) -> dict:
     """Return the maximum absolute differences between onnxruntime and PyTorch; raise VerificationError above `atol`.
 
-    With `allow_mismatch`, a difference above `atol` is logged as a warning and returned instead.
+    With `atol` None the tolerance is the dtype's default in `ATOL`, raised to `KERNEL_SPREAD_FACTOR` times
+    PyTorch's own eager-to-sdpa difference when that is larger. With `allow_mismatch`, a difference above
+    the tolerance is logged as a warning and returned instead.
     """
     model = model.eval()
     dtype = model.dtype
-    atol = atol if atol is not None else ATOL.get(dtype, 1e-4)
+    explicit_atol = atol is not None
+    atol = atol if explicit_atol else ATOL.get(dtype, 1e-4)
     session = OnnxDpvrModel(folder)
     generator = np.random.default_rng(seed)
 
@@ -55,6 +63,7 @@ def validate_onnx_export(
     max_abs_diff = max(differences.values())
     result = {
         "atol": atol,
+        "atol_source": "option" if explicit_atol else "default",
         "dtype": str(dtype).removeprefix("torch."),
         "max_abs_diff": max_abs_diff,
         "passed": max_abs_diff <= atol,
@@ -63,14 +72,20 @@ def validate_onnx_export(
         "decode_steps": NUM_DECODE_STEPS,
     }
     if max_abs_diff > atol:
-        worst = max(differences, key=differences.get)
         with torch.no_grad():
             spread = kernel_spread(model, prefill_inputs)
         result["pytorch_kernel_spread"] = spread
+        if not explicit_atol and KERNEL_SPREAD_FACTOR * spread > atol:
+            atol = KERNEL_SPREAD_FACTOR * spread
+            result.update(atol=atol, atol_source="kernel_spread", passed=max_abs_diff <= atol)
+
+    if max_abs_diff > atol:
+        worst = max(differences, key=differences.get)
         message = (
-            f"ONNX outputs differ from PyTorch by {max_abs_diff:.3g} ({worst}), above the tolerance {atol:g} "
-            f"({result['dtype']}). For comparison, PyTorch's own eager and sdpa attention differ by {spread:.3g} on "
-            "the same prefill, which is the size of rounding differences between kernels."
+            f"ONNX outputs differ from PyTorch by {max_abs_diff:.3g} ({worst}), above the tolerance {atol:.3g} "
+            f"({result['dtype']}). For comparison, PyTorch's own eager and sdpa attention differ by "
+            f"{result['pytorch_kernel_spread']:.3g} on the same prefill, which is the size of rounding differences "
+            "between kernels."
         )
         if not allow_mismatch:
             raise VerificationError(
@@ -78,6 +93,12 @@ def validate_onnx_export(
                 "export anyway (or --atol to set another tolerance)."
             )
         logger.warning("%s Kept because of --allow-mismatch.", message)
+    elif result["atol_source"] == "kernel_spread":
+        logger.info(
+            "Validated: onnxruntime within %.3g of PyTorch, above the default %g but within %g times PyTorch's own "
+            "eager-to-sdpa difference (%.3g) on these inputs",
+            max_abs_diff, ATOL.get(dtype, 1e-4), KERNEL_SPREAD_FACTOR, result["pytorch_kernel_spread"],
+        )
     else:
         logger.info("Validated: onnxruntime within %.3g of PyTorch (tolerance %g)", max_abs_diff, atol)
     return result
