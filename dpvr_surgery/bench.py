@@ -851,12 +851,9 @@ def _warn_if_busy(device: torch.device) -> None:
     load = _load_average()
     cpus = os.cpu_count() or 1
     if device.type == "cpu" and load is not None and load > cpus:
-        logger.warning(
-            "The machine is busy (load average %.1f on %d CPUs): CPU timings will be noisy; --threads 1 is steadier "
-            "when other processes compete for the cores",
-            load,
-            cpus,
-        )
+        advice = "; --threads 1 is steadier when other processes compete for the cores" if torch.get_num_threads() > 1 else ""
+        logger.warning("The machine is busy (load average %.1f on %d CPUs): CPU timings will be noisy%s", load, cpus,
+                       advice)
 
 
 def _model_results(model, inputs, settings, prefill_seconds, decode_seconds, plan) -> dict:
