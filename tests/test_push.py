@@ -193,6 +193,10 @@ def converted(tmp_path_factory) -> Path:
 def folder(converted, tmp_path) -> Path:
     copy = tmp_path / "model"
     shutil.copytree(converted, copy)
+    # convert records a local source by its path, which push rejects; a user sets the Hub id instead.
+    card = copy / "README.md"
+    card.write_text(re.sub(r"^base_model: .*$", "base_model: llava-hf/llava-1.5-7b-hf", card.read_text(), count=1,
+                           flags=re.MULTILINE))
     (copy / ".cache").mkdir()
     (copy / ".cache" / "state").write_text("local only")
     return copy
@@ -296,6 +300,8 @@ def test_push_refused_in_offline_mode(folder):
             "library_name None, expected 'transformers'",
         ),
         ("# no metadata\n", "no base_model"),
+        ("---\nbase_model: /data/llava\ntags: [a]\npipeline_tag: image-text-to-text\nlibrary_name: transformers\n---\n",
+         "is a local path"),
     ],
 )
 def test_model_card_metadata_checked(folder, card, message):
@@ -341,3 +347,8 @@ def test_all_problems_reported_together(folder):
     assert "Model code configuration_dpvr_llava.py named in config.json auto_map is missing" in message
     assert "The model card has no base_model" in message
     assert "No weights found in" in message
+
+
+def test_local_base_model_rejected(converted):
+    with pytest.raises(InvalidInputError, match="is a local path"):
+        push_folder(PushRequest(folder=converted, repo_id=REPO_ID, dry_run=True))

@@ -176,8 +176,14 @@ def _model_card_problems(folder: Path) -> list[str]:
         return [f"The model card metadata of {MODEL_CARD} is invalid YAML: {error}."]
 
     problems = []
-    if not metadata.get("base_model"):
+    base_model = metadata.get("base_model")
+    if not base_model:
         problems.append("The model card has no base_model.")
+    elif any(str(model).startswith(("/", "./", "../", "~")) for model in _as_list(base_model)):
+        problems.append(
+            f"The model card's base_model {base_model!r} is a local path (the folder it was converted from); "
+            "set it to the source model's Hub id, such as llava-hf/llava-1.5-7b-hf."
+        )
     tags = metadata.get("tags")
     if not isinstance(tags, list) or not tags:
         problems.append("The model card has no tags list.")
@@ -188,6 +194,10 @@ def _model_card_problems(folder: Path) -> list[str]:
     if problems:
         problems.append(f"Fix the YAML block at the top of {MODEL_CARD}.")
     return problems
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 __all__ = ["PushRequest", "PushResult", "check_push_folder", "list_upload_files", "push_folder"]
