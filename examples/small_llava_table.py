@@ -90,8 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split-offset", type=int, default=3,
                         help="The other two splits lie this many layers below and above the centre split.")
     parser.add_argument("--rows", choices=("core", "full"), default="core",
-                        help="core: every variant untrained and distilled, supervised at the centre split only; "
-                        "full: also supervised at every variant.")
+                        help="core: every variant untrained and distilled, supervised at the centre split only, "
+                        "and the analysis's split untrained; full: every variant untrained, distilled and supervised.")
     parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--finetune-batch-size", type=int, default=4)
     parser.add_argument("--finetune-learning-rate", type=float, default=1e-4)
@@ -181,21 +181,24 @@ def goal_split(config, text_tokens: int, num_layers: int) -> int:
 def variants(centre: int, analysis_split: int, offset: int, rows: str, num_layers: int) -> list[Variant]:
     """List the table's variants around the `centre` split, plus the analysis's split when it lies elsewhere.
 
-    Three splits (centre - offset, centre, centre + offset) at d_v = K = 1, then d_v = 2 and K = 2 at
-    the centre. Each is evaluated untrained and distilled, and supervised at the centre (everywhere
-    with rows="full").
+    Three splits (centre - offset, centre, centre + offset) at d_v = K = 1, evaluated untrained and
+    distilled, and supervised at the centre. Then d_v = 2 and K = 2 at the centre, untrained and
+    distilled. The analysis's split, when outside the sweep, is evaluated untrained. rows="full"
+    distils and supervises every variant.
     """
     splits = sorted({min(max(1, centre + delta), num_layers - 3) for delta in (-offset, 0, offset)})
-    shapes = [(split, 1, 1) for split in splits] + [(centre, 2, 1), (centre, 1, 2)]
-    if analysis_split not in splits:
-        shapes.append((analysis_split, 1, 1))
-
     listed = []
-    for split, depth, fusion in shapes:
+    for split in splits:
         trainings = ["none", "distill"]
-        if rows == "full" or (split, depth, fusion) == (centre, 1, 1):
+        if rows == "full" or split == centre:
             trainings.append("sft")
-        listed += [Variant(split, depth, fusion, training) for training in trainings]
+        listed += [Variant(split, 1, 1, training) for training in trainings]
+    for depth, fusion in ((2, 1), (1, 2)):
+        trainings = ["none", "distill", "sft"] if rows == "full" else ["none", "distill"]
+        listed += [Variant(centre, depth, fusion, training) for training in trainings]
+    if analysis_split not in splits:
+        trainings = ["none", "distill", "sft"] if rows == "full" else ["none"]
+        listed += [Variant(analysis_split, 1, 1, training) for training in trainings]
     return listed
 
 
