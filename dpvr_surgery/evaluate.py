@@ -130,16 +130,19 @@ class EvalResult:
     samples: list[SampleResult]
     seconds: float
     settings: dict = field(default_factory=dict)
+    # The reference model's own greedy answers, scored like MODEL's, when a reference was given.
+    reference_samples: list[SampleResult] | None = None
 
     def summary(self) -> dict:
-        """Return the metrics per group ("short", "long", "all") and the accuracy per category."""
+        """Return the metrics per group ("short", "long", "all"), the accuracy per category and, with a
+        reference, the reference's accuracy per group and the share of it that MODEL keeps."""
         groups = {name: _group_metrics([item for item in self.samples if item.group == name]) for name in GROUPS}
         groups["all"] = _group_metrics(self.samples)
         categories = {}
         for category in sorted({item.category for item in self.samples if item.category is not None}):
             members = [item for item in self.samples if item.category == category]
             categories[category] = {"samples": len(members), "accuracy": _share(item.correct for item in members)}
-        return {
+        summary = {
             "model": self.model,
             "reference": self.reference,
             "data": self.data,
@@ -148,6 +151,15 @@ class EvalResult:
             "groups": groups,
             "categories": categories,
         }
+        if self.reference_samples is not None:
+            reference_accuracy = {
+                name: _share(item.correct for item in self.reference_samples if name == "all" or item.group == name)
+                for name in (*GROUPS, "all")
+            }
+            summary["reference_accuracy"] = reference_accuracy
+            kept = reference_accuracy["all"]
+            summary["accuracy_kept"] = groups["all"]["accuracy"] / kept if kept else None
+        return summary
 
     def to_dict(self) -> dict:
         """Return the summary plus every sample's answers."""
@@ -467,11 +479,12 @@ def run_evaluation(request: EvalRequest, *, show_progress: bool = False) -> Eval
     load = {"dtype": request.dtype, "device": request.device, "revision": request.revision,
             "cache_dir": request.cache_dir}
 
-    references = None
+    references, reference_samples = None, None
     if request.reference is not None:
         logger.info("Answering %d samples with the reference %s", len(samples), request.reference)
         reference, reference_processor = load_model_and_processor(request.reference, **load)
         references = reference_outputs(reference, reference_processor, samples, request, show_progress=show_progress)
+        reference_samples = reference_results(reference_processor, samples, references, request)
         del reference
 
     logger.info("Answering %d samples with %s", len(samples), request.model)
@@ -487,7 +500,7 @@ def run_evaluation(request: EvalRequest, *, show_progress: bool = False) -> Eval
         "max_samples": request.max_samples,
     }
     return EvalResult(request.model, request.reference, str(request.data), results,
-                      time.perf_counter() - started, settings)
+                      time.perf_counter() - started, settings, reference_samples)
 
 
 def format_eval_result(result: EvalResult) -> str:
@@ -510,6 +523,12 @@ def format_eval_result(result: EvalResult) -> str:
             line += (f" {_percent(metrics.get('answer_agreement')):>6} {_percent(metrics.get('token_agreement')):>6}"
                      f" {'-' if kl is None else f'{kl:.4f}':>8}")
         lines.append(line)
+
+    if "reference_accuracy" in summary:
+        reference_accuracy = summary["reference_accuracy"]
+        lines.append("reference accuracy: " + ", ".join(
+            f"{name} {_percent(reference_accuracy[name])}" for name in (*GROUPS, "all")
+        ) + f"; kept {_percent(summary['accuracy_kept'])} of it")
 
     if summary["categories"]:
         lines.append("")

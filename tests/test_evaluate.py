@@ -10,6 +10,7 @@ from dpvr_surgery.cli import main
 from dpvr_surgery.errors import InvalidInputError
 from dpvr_surgery.evaluate import (
     EvalRequest,
+    format_eval_result,
     load_eval_samples,
     normalize_answer,
     run_evaluation,
@@ -205,6 +206,15 @@ def test_accuracy_counts_normalised_matches(models, held_out, tmp_path):
 
     assert summary["groups"]["all"]["accuracy"] == 0.5
     assert "answer_agreement" not in summary["groups"]["all"]
+    assert "reference_accuracy" not in summary
+
+    # Against itself as the reference, the reference's own answers score the same and all of it is kept.
+    against_itself = run_evaluation(request_for(source, path, long_answer_tokens=500, reference=str(source)))
+    compared = against_itself.summary()
+    assert compared["reference_accuracy"]["all"] == 0.5
+    assert compared["reference_accuracy"]["short"] == 0.5
+    assert compared["accuracy_kept"] == 1.0
+    assert "reference accuracy: short 50.0%" in format_eval_result(against_itself)
 
 
 # --------------------------------------------------------------------------- command line
