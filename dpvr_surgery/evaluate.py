@@ -157,8 +157,8 @@ class EvalResult:
                 for name in (*GROUPS, "all")
             }
             summary["reference_accuracy"] = reference_accuracy
-            kept = reference_accuracy["all"]
-            summary["accuracy_kept"] = groups["all"]["accuracy"] / kept if kept else None
+            reference_overall = reference_accuracy["all"]
+            summary["accuracy_kept"] = groups["all"]["accuracy"] / reference_overall if reference_overall else None
         return summary
 
     def to_dict(self) -> dict:
