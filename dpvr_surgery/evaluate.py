@@ -27,12 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
 from .errors import InvalidInputError
-from .generation import load_model_and_processor
+from .generation import load_images, load_model_and_processor
 
 logger = logging.getLogger(__name__)
 
@@ -292,17 +291,6 @@ def _user_content(question: str, num_images: int, sample_id: str, path: Path) ->
     return tuple(content)
 
 
-def _open_images(sample: EvalSample) -> list[PIL.Image.Image]:
-    images = []
-    for path in sample.image_paths:
-        try:
-            with PIL.Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise InvalidInputError(f"Cannot read image {path} of sample {sample.sample_id!r}: {error}.") from error
-    return images
-
-
 # --------------------------------------------------------------------------- model passes
 
 
@@ -315,7 +303,7 @@ def encode_prompt(processor, sample: EvalSample, device: torch.device, dtype: to
         )
     messages = [{"role": "user", "content": list(sample.content)}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    images = _open_images(sample)
+    images = load_images(sample.image_paths, owner=f"of sample {sample.sample_id!r}")
     inputs = dict(processor(images=images or None, text=text, return_tensors="pt"))
     inputs = {name: value.to(device) for name, value in inputs.items()}
     if "pixel_values" in inputs:

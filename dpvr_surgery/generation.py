@@ -51,15 +51,16 @@ def load_model_and_processor(model: str, *, dtype: str = "auto", device: str = "
     return loaded.to(resolve_device(device)), processor
 
 
-def load_images(paths: list[str | Path]) -> list[PIL.Image.Image]:
-    """Open image files as RGB, naming the file that cannot be read."""
+def load_images(paths: list[str | Path], *, owner: str = "") -> list[PIL.Image.Image]:
+    """Open image files as RGB, naming the file that cannot be read and `owner` (such as "of sample 'x'")."""
     images = []
     for path in paths:
         try:
             with PIL.Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except (OSError, ValueError) as error:
-            raise InvalidInputError(f"Cannot read image {path}: {error}. Pass a PNG or JPEG file.") from error
+            where = f" {owner}" if owner else ""
+            raise InvalidInputError(f"Cannot read image {path}{where}: {error}. Pass a PNG or JPEG file.") from error
     return images
 
 
