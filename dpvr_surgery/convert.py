@@ -171,7 +171,7 @@ def convert_checkpoint(request: ConvertRequest, *, show_progress: bool = True) -
             plot_name = SATURATION_PLOT_NAME
             shutil.copyfile(request.saturation_plot, folder / plot_name)
         card = render_model_card(
-            # A local source is recorded by its absolute path, which `push` then asks to replace by a Hub id.
+            # A local source is recorded by its absolute path, which `push` rejects until it is a Hub id.
             base_model=str(plan.source) if Path(request.model).exists() else request.model,
             report=plan.report,
             command_line=request.command_line,

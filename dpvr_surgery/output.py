@@ -92,8 +92,8 @@ def _invalid_size(text: object) -> InvalidInputError:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` to the safetensors file `path`, readable like any other file the process creates.
 
-    safetensors 0.8 creates its files with mode 0600 whatever the umask; the mode is reset here so that
-    weight files get the same permissions as the config and tokenizer files next to them.
+    safetensors 0.8 creates its files with mode 0600 whatever the umask. The mode is reset here, so weight
+    files get the same permissions as the config and tokenizer files next to them.
     """
     save_file(tensors, str(path), metadata=metadata)
     apply_umask(path)

@@ -343,8 +343,8 @@ def test_default_tolerance_follows_kernel_spread(exported, converted, monkeypatc
     assert difference > ATOL
     assert strict["atol_source"] == "default"
 
-    # The tiny model's kernels agree to about 1e-6, so the spread that a deep model at long prompts shows
-    # is set here; the measured spread itself is covered by test_validation_fails_on_mismatch.
+    # The tiny model's kernels agree to about 1e-6, so the spread of a deep model at long prompts is set
+    # here. test_validation_fails_on_mismatch covers the measured spread itself.
     monkeypatch.setattr(onnx_validate, "kernel_spread", lambda model, inputs: difference / 5)
     relaxed = validate_onnx_export(changed, exported)
     assert relaxed["passed"] is True
